@@ -1,0 +1,32 @@
+"""grl_plugin: the GRL image-restoration transformer (CVPR 2023) as a BasicSR plugin.
+
+``import grl_plugin`` applies the BasicSR/torchvision import fixes that this machine needs
+(:mod:`grl_plugin.compat`) and registers every component into BasicSR's registries. It is
+idempotent: importing it again, or importing a submodule first, never registers twice.
+"""
+__version__ = "0.1.0"
+
+from . import compat as _compat
+
+_compat.apply()
+
+from .archs import (GRL, PRESET_KWARGS, PRESETS, grl_base, grl_base_bsr, grl_small,  # noqa: E402
+                    grl_tiny, preset_kwargs)
+try:  # TEMP until checkpoint.py lands
+    from .archs.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+except ImportError:
+    pass
+
+
+def _register_all() -> None:
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    _compat.register(ARCH_REGISTRY, GRL, "GRL")
+    for name, fn in PRESETS.items():
+        _compat.register(ARCH_REGISTRY, fn, name)
+
+
+_register_all()
+
+__all__ = ["__version__", "GRL", "PRESETS", "PRESET_KWARGS", "grl_tiny", "grl_small", "grl_base",
+           "grl_base_bsr", "preset_kwargs", "load_checkpoint", "CheckpointError"]

@@ -1,0 +1,330 @@
+"""The GRL transformer block and stage (SPEC §2-§4).
+
+:class:`MixedAttention` splits one QKV projection into a window half (regional) and a stripe
+half (global), :class:`GRLBlock` adds the res-post-norm residuals, the MLP and optionally the
+local conv branch, and :class:`GRLStage` stacks blocks with the official shift / stripe
+pattern and a closing convolution. Every module takes either (B, C, H, W) maps of any size
+(padded inside, output cropped) or the (B, L, C) tokens + ``x_size`` form the network uses.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .geometry import GRLGeometry, grl_geometry, pad_multiple
+from .local import CAB
+from .stripe_attn import AnchorProjection, AnchorStripeAttention
+from .window_attn import WindowAttention
+
+CONV_TYPES = ("1conv", "3conv", "1conv1x1", "linear")
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad (B, C, H, W) on the right/bottom to multiples of ``multiple``.
+
+    Reflect padding, falling back to zeros where reflection is impossible (pad >= side), as the
+    official GRL does (SPEC §1.4).
+    """
+    H, W = x.shape[-2:]
+    ph, pw = (-H) % multiple, (-W) % multiple
+    if not ph and not pw:
+        return x
+    try:
+        return F.pad(x, (0, pw, 0, ph), mode="reflect")
+    except (RuntimeError, NotImplementedError):
+        return F.pad(x, (0, pw, 0, ph), mode="constant")
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def to_map(x: torch.Tensor, x_size: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    return rearrange(x, "b (h w) c -> b c h w", h=x_size[0], w=x_size[1])
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (active in training only)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class PixelLinear(nn.Linear):
+    """A Linear(C, C) applied to every pixel of a (B, C, H, W) map (``conv_type="linear"``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def build_last_conv(conv_type: str, dim: int) -> nn.Module:
+    """The convolution closing each stage and the body (official ``build_last_conv``)."""
+    if conv_type == "1conv":
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    if conv_type == "3conv":
+        return nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
+                             nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, inplace=True),
+                             nn.Conv2d(dim // 4, dim, 3, 1, 1))
+    if conv_type == "1conv1x1":
+        return nn.Conv2d(dim, dim, 1, 1, 0)
+    if conv_type == "linear":
+        return PixelLinear(dim, dim)
+    raise ValueError(f"conv_type must be one of {CONV_TYPES}, got {conv_type!r}")
+
+
+class QKVProjection(nn.Module):
+    """Token-wise QKV projection (key ``body``), output channels laid out as in SPEC §4."""
+
+    def __init__(self, dim: int, qkv_bias: bool = True, proj_type: str = "linear"):
+        super().__init__()
+        if proj_type != "linear":
+            raise ValueError(f"qkv_proj_type {proj_type!r} is not supported (official configs use 'linear')")
+        self.body = nn.Linear(dim, dim * 3, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class MixedAttention(nn.Module):
+    """Window attention on half of the channels, anchored stripe attention on the other half.
+
+    Keys: ``qkv.body``, ``anchor.body.*``, ``window_attn.attn_transform``,
+    ``stripe_attn.attn_transform{1,2}``, ``proj``.
+
+    Args:
+        dim: channels (even; each half divisible by its head count).
+        num_heads_window, num_heads_stripe: heads of the two halves.
+        window_size: square window side.
+        window_shift: shifted windows.
+        stripe_size, stripe_groups: the network-level stripe configuration (pairs; ``None``
+            entries allowed); ``stripe_type="W"`` uses them reversed.
+        stripe_type: ``"H"`` or ``"W"``.
+        stripe_shift: shifted stripes.
+        anchor_window_down_factor: anchor down-sampling ``df``.
+        qkv_bias, qkv_proj_type, anchor_proj_type, anchor_one_stage: projections.
+        attn_drop, proj_drop: dropouts.
+        attn_impl: ``"sdpa"`` or ``"reference"``.
+    """
+
+    def __init__(self, dim: int, num_heads_window: int, num_heads_stripe: int, window_size: int = 8,
+                 window_shift: bool = False, stripe_size: Sequence[Optional[int]] = (8, 8),
+                 stripe_groups: Sequence[Optional[int]] = (None, None), stripe_type: str = "H",
+                 stripe_shift: bool = False, anchor_window_down_factor: int = 1,
+                 qkv_bias: bool = True, qkv_proj_type: str = "linear",
+                 anchor_proj_type: str = "avgpool", anchor_one_stage: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, attn_impl: str = "sdpa"):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"mixed attention: dim must be even, got {dim}")
+        if stripe_type not in ("H", "W"):
+            raise ValueError(f"stripe_type must be 'H' or 'W', got {stripe_type!r}")
+        self.dim = dim
+        self.window_size = int(window_size)
+        self.stripe_size = tuple(stripe_size)
+        self.stripe_groups = tuple(stripe_groups)
+        self.anchor_window_down_factor = int(anchor_window_down_factor)
+        self.stripe_type = stripe_type
+        self.qkv = QKVProjection(dim, qkv_bias, qkv_proj_type)
+        self.anchor = AnchorProjection(dim, anchor_proj_type, anchor_one_stage, anchor_window_down_factor)
+        self.window_attn = WindowAttention(dim // 2, window_size, num_heads_window, window_shift,
+                                           attn_drop, attn_impl)
+        self.stripe_attn = AnchorStripeAttention(dim // 2, num_heads_stripe, stripe_type, stripe_shift,
+                                                 attn_drop, attn_impl)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def pad_multiple(self) -> int:
+        """Multiple the sides of a token grid must have."""
+        return pad_multiple(self.window_size, self.stripe_size, self.stripe_groups,
+                            self.anchor_window_down_factor)
+
+    def geometry(self, x_size: Tuple[int, int], device) -> GRLGeometry:
+        """Tables/indices/masks for a grid of ``x_size`` (from the shared cache)."""
+        H, W = x_size
+        m = self.pad_multiple
+        if H % m or W % m:
+            raise ValueError(f"token grid {H}x{W} is not a multiple of {m}; pass (B, C, H, W) maps "
+                             f"to have them padded")
+        return grl_geometry(self.window_size, self.stripe_size, self.stripe_groups,
+                            self.anchor_window_down_factor, x_size, device)
+
+    def forward(self, x: torch.Tensor, x_size: Tuple[int, int],
+                geom: Optional[GRLGeometry] = None) -> torch.Tensor:
+        if geom is None:
+            geom = self.geometry(x_size, x.device)
+        half = self.dim * 3 // 2
+        qkv = self.qkv(x)
+        x_window = self.window_attn(qkv[..., :half], x_size, geom.window)
+        anchor = self.anchor(x, x_size)
+        stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
+        x_stripe = self.stripe_attn(qkv[..., half:], anchor, x_size, stripe_geom)
+        return self.proj_drop(self.proj(torch.cat([x_window, x_stripe], dim=-1)))
+
+
+class _MapOrTokens(nn.Module):
+    """Lets a token module also take (B, C, H, W) maps of any size (padded, then cropped)."""
+
+    pad_multiple: int
+
+    def forward(self, x: torch.Tensor, x_size: Optional[Tuple[int, int]] = None,
+                geom: Optional[GRLGeometry] = None) -> torch.Tensor:
+        if x.dim() == 3:
+            if x_size is None:
+                raise ValueError(f"{type(self).__name__}: (B, L, C) input needs x_size=(H, W)")
+            return self.forward_tokens(x, tuple(x_size), geom)
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: expected (B, C, H, W) or (B, L, C), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        xp = pad_to_multiple(x, self.pad_multiple)
+        size = tuple(xp.shape[-2:])
+        y = self.forward_tokens(to_tokens(xp), size, geom)
+        return to_map(y, size)[..., :H, :W]
+
+
+class GRLBlock(_MapOrTokens):
+    """GRL's mixed-attention transformer block (official ``EfficientMixAttnTransformerBlock``).
+
+    Res-post-norm: ``x = x + s * drop_path(norm1(attn(x))) [+ CAB(x)]``;
+    ``x = x + s * drop_path(norm2(mlp(x)))`` with ``s = res_scale``.
+
+    Args:
+        dim: channels.
+        num_heads_window, num_heads_stripe: heads of the window and the stripe half
+            (default: :func:`default_heads`).
+        window_size, window_shift, stripe_size, stripe_groups, stripe_type, stripe_shift,
+        anchor_window_down_factor: attention geometry (see :class:`MixedAttention`).
+        mlp_ratio: MLP hidden width / dim.
+        local_connection: add the conv + channel attention branch (:class:`CAB`).
+        drop, attn_drop, drop_path: dropouts.
+        res_scale: residual scale.
+        attn_impl: ``"sdpa"`` or ``"reference"``.
+    """
+
+    def __init__(self, dim: int, num_heads_window: Optional[int] = None,
+                 num_heads_stripe: Optional[int] = None, window_size: int = 8,
+                 window_shift: bool = False, stripe_size: Sequence[Optional[int]] = (8, 8),
+                 stripe_groups: Sequence[Optional[int]] = (None, None), stripe_type: str = "H",
+                 stripe_shift: bool = False, anchor_window_down_factor: int = 1,
+                 mlp_ratio: float = 2.0, qkv_bias: bool = True, qkv_proj_type: str = "linear",
+                 anchor_proj_type: str = "avgpool", anchor_one_stage: bool = True,
+                 local_connection: bool = False, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, res_scale: float = 1.0, attn_impl: str = "sdpa"):
+        super().__init__()
+        num_heads_window = num_heads_window or default_heads(dim)
+        num_heads_stripe = num_heads_stripe or default_heads(dim)
+        self.dim = dim
+        self.res_scale = res_scale
+        self.attn = MixedAttention(dim, num_heads_window, num_heads_stripe, window_size, window_shift,
+                                   stripe_size, stripe_groups, stripe_type, stripe_shift,
+                                   anchor_window_down_factor, qkv_bias, qkv_proj_type,
+                                   anchor_proj_type, anchor_one_stage, attn_drop, drop, attn_impl)
+        self.norm1 = nn.LayerNorm(dim)
+        self.conv = CAB(dim) if local_connection else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.norm2 = nn.LayerNorm(dim)
+
+    @property
+    def pad_multiple(self) -> int:
+        return self.attn.pad_multiple
+
+    def forward_tokens(self, x: torch.Tensor, x_size: Tuple[int, int],
+                       geom: Optional[GRLGeometry] = None) -> torch.Tensor:
+        y = x + self.res_scale * self.drop_path(self.norm1(self.attn(x, x_size, geom)))
+        if self.conv is not None:
+            y = y + self.conv(x, x_size)
+        return y + self.res_scale * self.drop_path(self.norm2(self.mlp(y)))
+
+
+def default_heads(dim: int) -> int:
+    """A head count for one attention half of ``dim`` channels: head dim near 32."""
+    half = dim // 2
+    for heads in range(max(half // 32, 1), 0, -1):
+        if half % heads == 0:
+            return heads
+    return 1
+
+
+class GRLStage(_MapOrTokens):
+    """A stack of :class:`GRLBlock` with the official per-block pattern and a closing conv.
+
+    Block ``j``: shifted windows when ``j`` is even, stripe type ``"H"`` for even ``j`` and
+    ``"W"`` for odd, shifted stripes when ``stripe_shift`` and ``j % 4 in (2, 3)`` (SPEC §2).
+    Output: ``conv(blocks(x)) + x``. Keys ``blocks.{j}``, ``conv``.
+
+    Args:
+        dim, depth: channels and number of blocks.
+        drop_path: a rate, or one rate per block.
+        conv_type: closing convolution (``"1conv"``, ``"3conv"``, ``"1conv1x1"``, ``"linear"``).
+        use_checkpoint: recompute each block in the backward pass (activation checkpointing).
+        **block_kwargs: passed to every :class:`GRLBlock` (``window_shift``, ``stripe_type``
+            and ``stripe_shift`` are set per block; ``stripe_shift`` here switches the pattern).
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads_window: Optional[int] = None,
+                 num_heads_stripe: Optional[int] = None, window_size: int = 8,
+                 stripe_size: Sequence[Optional[int]] = (8, 8),
+                 stripe_groups: Sequence[Optional[int]] = (None, None), stripe_shift: bool = False,
+                 drop_path=0.0, conv_type: str = "1conv", use_checkpoint: bool = False,
+                 **block_kwargs):
+        super().__init__()
+        rates = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList([
+            GRLBlock(dim, num_heads_window, num_heads_stripe, window_size, window_shift=j % 2 == 0,
+                     stripe_size=stripe_size, stripe_groups=stripe_groups,
+                     stripe_type="H" if j % 2 == 0 else "W",
+                     stripe_shift=bool(stripe_shift) and j % 4 in (2, 3), drop_path=rates[j],
+                     **block_kwargs)
+            for j in range(depth)])
+        self.conv = build_last_conv(conv_type, dim)
+
+    @property
+    def pad_multiple(self) -> int:
+        return self.blocks[0].pad_multiple
+
+    def forward_tokens(self, x: torch.Tensor, x_size: Tuple[int, int],
+                       geom: Optional[GRLGeometry] = None) -> torch.Tensor:
+        if geom is None:
+            geom = self.blocks[0].attn.geometry(x_size, x.device)
+        y = x
+        for blk in self.blocks:
+            if self.use_checkpoint and self.training and torch.is_grad_enabled():
+                y = checkpoint(blk.forward_tokens, y, x_size, geom, use_reentrant=False)
+            else:
+                y = blk.forward_tokens(y, x_size, geom)
+        return to_tokens(self.conv(to_map(y, x_size))) + x

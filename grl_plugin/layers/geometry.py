@@ -1,0 +1,209 @@
+"""Relative-position tables, indices and shift masks of GRL (SPEC §4.4, §6).
+
+Everything attention needs that depends only on geometry (window/stripe size, anchor
+down-factor, padded input size) is built here, directly on the target device, and cached
+per (configuration, size, device). Blocks and the network look sets up with
+:func:`grl_geometry`; nothing is built per block or per forward, and nothing is stored in
+a ``state_dict`` (so weights trained at one size run at any other).
+
+Conventions follow the official code literally (SPEC §9 B2-B4): masks hold ``-100`` (not
+``-inf``), the anchor grid of the relative index is not centred, and the label map of the
+masks uses the Python slices ``[0, -w)``, ``[-w, -shift)``, ``[-shift, end)``.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from einops import rearrange
+
+Size2 = Tuple[int, int]
+MASK_VALUE = -100.0
+
+
+def stripe_info(stripe_size: Sequence[Optional[int]], stripe_groups: Sequence[Optional[int]],
+                shift: bool, input_size: Size2) -> Tuple[Size2, Size2]:
+    """Stripe extent and shift per axis (official ``_get_stripe_info``).
+
+    An axis with ``groups`` set uses ``extent // groups`` (so it follows the resolution) and
+    the shift ``extent // (2 groups)`` (0 for one group) whatever ``shift`` says; otherwise the
+    configured size and, when shifting, half of it.
+    """
+    sizes, shifts = [], []
+    for s, g, d in zip(stripe_size, stripe_groups, input_size):
+        if g is None:
+            sizes.append(int(s))
+            shifts.append(int(s) // 2 if shift else 0)
+        else:
+            sizes.append(d // g)
+            shifts.append(0 if g == 1 else d // (g * 2))
+    return (sizes[0], sizes[1]), (shifts[0], shifts[1])
+
+
+def pad_multiple(window_size: int, stripe_size: Sequence[Optional[int]],
+                 stripe_groups: Sequence[Optional[int]], df: int) -> int:
+    """Multiple the padded input size must have.
+
+    The official ``pad_size`` is the maximum of the window, the stripe sizes and
+    ``groups * df``; we take the least common multiple, which is the same number for every
+    official configuration and the size that actually divides for all others (where the
+    official maximum makes the partition fail).
+    """
+    parts = [window_size] + [s for s in stripe_size if s] + [g * df for g in stripe_groups if g]
+    return math.lcm(*[int(p) for p in parts])
+
+
+# --------------------------------------------------------------------------------------- tables
+@lru_cache(maxsize=64)
+def coords_table(window: Size2, df: int, device: torch.device) -> torch.Tensor:
+    """Log-spaced relative coordinate table (1, w0 + a0 - 1, w1 + a1 - 1, 2), a = w // df.
+
+    Per axis the coordinates run from ``-(a-1) - (w-a)//2`` to ``w-1 - (w-a)//2``, are divided
+    by the positive end, scaled by 8 and mapped by ``sign(t) log2(|t|+1) / log2(8)``. With
+    ``df = 1`` this is the SwinV2 table. (A one-pixel axis, where the official code divides by
+    zero, is normalised by 1.)
+    """
+    with torch.inference_mode(False):  # cached tensors must also serve autograd later
+        axes, ends = [], []
+        for w in window:
+            a = w // df
+            pos = w - 1 - (w - a) // 2
+            neg = -(a - 1) - (w - a) // 2
+            axes.append(torch.arange(neg, pos + 1, dtype=torch.float32, device=device))
+            ends.append(float(max(pos, 1)))
+        table = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+        table = table / torch.tensor(ends, device=device) * 8
+        table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    return table.unsqueeze(0)
+
+
+@lru_cache(maxsize=64)
+def relative_index(window: Size2, df: int, w2a: bool, device: torch.device) -> torch.Tensor:
+    """Index into the flattened :func:`coords_table` for every (query, key) pair.
+
+    ``w2a``: window tokens (rows) attend to anchor tokens (columns), shape (w0 w1, a0 a1);
+    otherwise anchors attend to window tokens, shape (a0 a1, w0 w1). Both grids start at 0, so
+    the two directions are not mirror images (official quirk B3). With ``df = 1`` and ``w2a``
+    this is the usual Swin window index.
+    """
+    (w0, w1), (a0, a1) = window, (window[0] // df, window[1] // df)
+    stride = a1 + w1 - 1
+    with torch.inference_mode(False):
+        r, c = (t.flatten() for t in torch.meshgrid(
+            torch.arange(w0, device=device), torch.arange(w1, device=device), indexing="ij"))
+        ra, ca = (t.flatten() for t in torch.meshgrid(
+            torch.arange(a0, device=device), torch.arange(a1, device=device), indexing="ij"))
+        if w2a:
+            return (r[:, None] - ra[None] + a0 - 1) * stride + (c[:, None] - ca[None] + a1 - 1)
+        return (ra[:, None] - r[None] + w0 - 1) * stride + (ca[:, None] - c[None] + w1 - 1)
+
+
+# ---------------------------------------------------------------------------------------- masks
+def _region_labels(size: Size2, window: Size2, shift: Size2, device: torch.device) -> torch.Tensor:
+    """(n_windows, w0 w1) region labels of the shifted layout, partitioned into windows."""
+    labels = torch.zeros(size, device=device)
+    slices = [(slice(0, -w), slice(-w, -s), slice(-s, None)) for w, s in zip(window, shift)]
+    count = 0
+    for hs in slices[0]:
+        for ws in slices[1]:
+            labels[hs, ws] = count
+            count += 1
+    return rearrange(labels, "(nh h) (nw w) -> (nh nw) (h w)", h=window[0], w=window[1])
+
+
+def _compare(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    same = rows[:, :, None] == cols[:, None, :]
+    return torch.where(same, 0.0, MASK_VALUE).to(torch.float32)
+
+
+@lru_cache(maxsize=32)
+def window_mask(size: Size2, window: int, shift: int, device: torch.device) -> torch.Tensor:
+    """(nW, N, N) mask of shifted-window attention: 0 within a region, -100 across regions."""
+    with torch.inference_mode(False):
+        labels = _region_labels(size, (window, window), (shift, shift), device)
+        return _compare(labels, labels)
+
+
+@lru_cache(maxsize=32)
+def stripe_masks(size: Size2, stripe: Size2, shift: Size2, df: int,
+                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(a2w (nS, N2, N1), w2a (nS, N1, N2)) masks of shifted anchored stripe attention.
+
+    Window-token labels come from the full grid with ``stripe``/``shift``; anchor labels from
+    the (H/df, W/df) grid with ``stripe // df`` and ``shift // df`` (floored, quirk B4).
+    """
+    with torch.inference_mode(False):
+        tokens = _region_labels(size, stripe, shift, device)
+        anchors = _region_labels((size[0] // df, size[1] // df), (stripe[0] // df, stripe[1] // df),
+                                 (shift[0] // df, shift[1] // df), device)
+        w2a = _compare(tokens, anchors)
+        return w2a.transpose(1, 2).contiguous(), w2a
+
+
+# ---------------------------------------------------------------------------------- sets / cache
+class WindowGeometry(NamedTuple):
+    """What (shifted) window attention needs at one padded size."""
+    window: int
+    shift: int
+    table: torch.Tensor
+    index: torch.Tensor
+    mask: torch.Tensor
+
+
+class StripeGeometry(NamedTuple):
+    """What anchored stripe attention of one orientation needs at one padded size."""
+    stripe: Size2
+    shift: Size2
+    df: int
+    table: torch.Tensor
+    index_a2w: torch.Tensor
+    index_w2a: torch.Tensor
+    mask_a2w: torch.Tensor
+    mask_w2a: torch.Tensor
+
+
+class GRLGeometry(NamedTuple):
+    """The complete set (the official 13 buffers) for one padded size and device."""
+    window: WindowGeometry
+    stripe_h: StripeGeometry
+    stripe_v: StripeGeometry
+
+
+def _stripe_geometry(stripe_size, stripe_groups, df, size, device) -> StripeGeometry:
+    stripe, shift = stripe_info(stripe_size, stripe_groups, True, size)
+    a2w, w2a = stripe_masks(size, stripe, shift, df, device)
+    return StripeGeometry(stripe, shift, df, coords_table(stripe, df, device),
+                          relative_index(stripe, df, False, device),
+                          relative_index(stripe, df, True, device), a2w, w2a)
+
+
+@lru_cache(maxsize=32)
+def _grl_geometry(window_size, stripe_size, stripe_groups, df, size, device) -> GRLGeometry:
+    ws = (window_size, window_size)
+    window = WindowGeometry(window_size, window_size // 2, coords_table(ws, 1, device),
+                            relative_index(ws, 1, True, device),
+                            window_mask(size, window_size, window_size // 2, device))
+    # "V" (W-type) stripes use the reversed configuration evaluated on the same grid. The
+    # official code reverses the H-type *result* instead, which differs -- and crashes -- for
+    # non-square inputs with stripe groups (SPEC §9 B1); both agree everywhere else.
+    return GRLGeometry(window, _stripe_geometry(stripe_size, stripe_groups, df, size, device),
+                       _stripe_geometry(stripe_size[::-1], stripe_groups[::-1], df, size, device))
+
+
+def grl_geometry(window_size: int, stripe_size: Sequence[Optional[int]],
+                 stripe_groups: Sequence[Optional[int]], df: int, size: Size2,
+                 device: torch.device | str | None = None) -> GRLGeometry:
+    """Tables, indices and masks for a padded input of ``size`` (cached per argument set)."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _grl_geometry(int(window_size), tuple(stripe_size), tuple(stripe_groups), int(df),
+                         (int(size[0]), int(size[1])), device)
+
+
+def clear_cache() -> None:
+    """Drop every cached table, index and mask (e.g. to free device memory)."""
+    for fn in (coords_table, relative_index, window_mask, stripe_masks, _grl_geometry):
+        fn.cache_clear()

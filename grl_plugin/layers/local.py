@@ -1,0 +1,47 @@
+"""Local modelling: convolutions + channel attention (SPEC §3.1, base models only)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation: features * sigmoid(conv(relu(conv(avgpool(features))))).
+
+    Key ``attention.{1,3}`` (the two 1x1 convolutions, with bias).
+    """
+
+    def __init__(self, dim: int, reduction: int = 18):
+        super().__init__()
+        hidden = max(dim // reduction, 1)
+        self.attention = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, hidden, 1),
+                                       nn.ReLU(inplace=True), nn.Conv2d(hidden, dim, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.attention(x)
+
+
+class CAB(nn.Module):
+    """Conv(dim, dim/4, 3) -> GELU -> Conv(dim/4, dim, 3) -> channel attention (key ``cab``).
+
+    Works on (B, C, H, W) of any size, or on (B, L, C) tokens with ``x_size``.
+
+    Args:
+        dim: channels.
+        compress_ratio: channel reduction of the first convolution (4 in GRL).
+        reduction: squeeze factor of the channel attention (18 in GRL).
+    """
+
+    def __init__(self, dim: int, compress_ratio: int = 4, reduction: int = 18):
+        super().__init__()
+        hidden = max(dim // compress_ratio, 1)
+        self.cab = nn.Sequential(nn.Conv2d(dim, hidden, 3, 1, 1), nn.GELU(),
+                                 nn.Conv2d(hidden, dim, 3, 1, 1), ChannelAttention(dim, reduction))
+
+    def forward(self, x: torch.Tensor, x_size=None) -> torch.Tensor:
+        if x.dim() == 4:
+            return self.cab(x)
+        B, L, C = x.shape
+        H, W = x_size
+        y = self.cab(x.transpose(1, 2).reshape(B, C, H, W))
+        return y.flatten(2).transpose(1, 2)

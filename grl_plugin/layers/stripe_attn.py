@@ -1,0 +1,149 @@
+"""Global modelling: anchored stripe self-attention (SPEC §4.1, §4.3, §4.4).
+
+Tokens of a stripe (``sh x sw`` pixels, or ``H/g`` rows / columns with stripe groups) do not
+attend to each other directly. A down-sampled *anchor* map (``df`` times smaller) first
+gathers the stripe (anchor -> window, "a2w"), then every token reads from the anchors
+(window -> anchor, "w2a"). The cost per stripe is ``2 N1 N2`` instead of ``N1^2``.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .attention import AffineTransform, cosine_attention
+from .geometry import StripeGeometry
+from .window_attn import split_heads, window_partition, window_reverse
+
+ANCHOR_PROJ_TYPES = ("avgpool", "maxpool", "conv2d", "separable_conv", "patchmerging")
+
+
+class AnchorLinear(nn.Module):
+    """Pool by ``down_factor`` (avg or max), then a per-pixel Linear (key ``reduction``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, down_factor: int, pooling: str = "avgpool"):
+        super().__init__()
+        pool = nn.AvgPool2d if pooling == "avgpool" else nn.MaxPool2d
+        self.pool = pool(down_factor, down_factor)
+        self.reduction = nn.Linear(in_dim, out_dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # BCHW -> BCHW
+        x = self.pool(x)
+        return self.reduction(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PatchMerging(nn.Module):
+    """Space-to-depth by ``down_factor`` and a Linear without bias (key ``reduction``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, down_factor: int):
+        super().__init__()
+        self.down_factor = down_factor
+        self.reduction = nn.Linear(in_dim * down_factor ** 2, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # BCHW -> BCHW
+        f = self.down_factor
+        x = rearrange(x, "b c (h f1) (w f2) -> b h w (f1 f2 c)", f1=f, f2=f)
+        return self.reduction(x).permute(0, 3, 1, 2)
+
+
+def _anchor_stage(kind: str, in_dim: int, out_dim: int, factor: int) -> nn.Module:
+    if kind in ("avgpool", "maxpool"):
+        return AnchorLinear(in_dim, out_dim, factor, kind)
+    if kind == "patchmerging":
+        return PatchMerging(in_dim, out_dim, factor)
+    kernel = factor + 1 if factor > 1 else 1
+    if kind == "conv2d":
+        return nn.Conv2d(in_dim, out_dim, kernel, factor, kernel // 2)
+    if kind == "separable_conv":
+        return nn.Sequential(nn.Conv2d(in_dim, in_dim, kernel, factor, kernel // 2, groups=in_dim),
+                             nn.Conv2d(in_dim, out_dim, 1))
+    raise ValueError(f"anchor_proj_type must be one of {ANCHOR_PROJ_TYPES}, got {kind!r}")
+
+
+class AnchorProjection(nn.Module):
+    """Anchor map from the block input: (B, L, dim) on (H, W) -> (B, H/df, W/df, dim // 2).
+
+    ``one_stage`` reduces by ``df`` at once (all official configs use avgpool one-stage,
+    key ``body.0.reduction``); otherwise ``log2(df)`` stages of 2. Only the avgpool one-stage
+    layout is checked against official weights; the other types follow the description in
+    SPEC §4.1.
+    """
+
+    def __init__(self, dim: int, proj_type: str = "avgpool", one_stage: bool = True,
+                 down_factor: int = 1):
+        super().__init__()
+        out_dim = dim // 2
+        if one_stage or down_factor == 1:
+            self.body = nn.Sequential(_anchor_stage(proj_type, dim, out_dim, down_factor))
+        else:
+            stages = max(1, round(torch.log2(torch.tensor(float(down_factor))).item()))
+            if 2 ** stages != down_factor:
+                raise ValueError(f"multi-stage anchor projection needs a power-of-two "
+                                 f"anchor_window_down_factor, got {down_factor}")
+            self.body = nn.Sequential(*[
+                _anchor_stage(proj_type, dim, out_dim if i == stages - 1 else dim, 2)
+                for i in range(stages)])
+
+    def forward(self, x: torch.Tensor, x_size: Tuple[int, int]) -> torch.Tensor:
+        H, W = x_size
+        x = rearrange(x, "b (h w) c -> b c h w", h=H, w=W)
+        return self.body(x).permute(0, 2, 3, 1)
+
+
+class AnchorStripeAttention(nn.Module):
+    """Two-stage anchored stripe attention (official ``AnchorStripeAttention``).
+
+    Keys: ``attn_transform1`` (anchor -> window), ``attn_transform2`` (window -> anchor).
+
+    Args:
+        dim: channels of the output (the stripe half of the block's channels).
+        num_heads: heads; ``dim`` must be divisible by it.
+        stripe_type: ``"H"`` or ``"W"``: which orientation of the geometry set to use
+            (``"W"`` blocks use the reversed stripe size / groups).
+        stripe_shift: roll by half a stripe (and use the region masks).
+        attn_drop: attention dropout.
+        attn_impl: ``"sdpa"`` or ``"reference"``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, stripe_type: str = "H", stripe_shift: bool = False,
+                 attn_drop: float = 0.0, attn_impl: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"stripe attention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads = dim, num_heads
+        self.stripe_type, self.stripe_shift = stripe_type, stripe_shift
+        self.attn_drop = attn_drop
+        self.attn_impl = attn_impl
+        self.attn_transform1 = AffineTransform(num_heads)
+        self.attn_transform2 = AffineTransform(num_heads)
+
+    def forward(self, qkv: torch.Tensor, anchor: torch.Tensor, x_size: Tuple[int, int],
+                geom: StripeGeometry) -> torch.Tensor:
+        H, W = x_size
+        B = qkv.shape[0]
+        stripe, df = geom.stripe, geom.df
+        anchor_stripe = (stripe[0] // df, stripe[1] // df)
+        shift = geom.shift if self.stripe_shift else (0, 0)
+        anchor_shift = (shift[0] // df, shift[1] // df)
+        qkv = qkv.view(B, H, W, -1)
+        if any(shift):
+            qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+            anchor = torch.roll(anchor, shifts=(-anchor_shift[0], -anchor_shift[1]), dims=(1, 2))
+        q, k, v = split_heads(window_partition(qkv, stripe), 3, self.num_heads)
+        (a,) = split_heads(window_partition(anchor, anchor_stripe), 1, self.num_heads)
+        masked = self.stripe_shift
+        drop = self.attn_drop if self.training else 0.0
+        y = cosine_attention(a, k, v, self.attn_transform1, geom.table, geom.index_a2w,
+                             geom.mask_a2w if masked else None, drop, self.attn_impl)
+        out = cosine_attention(q, a, y, self.attn_transform2, geom.table, geom.index_w2a,
+                               geom.mask_w2a if masked else None, drop, self.attn_impl)
+        out = window_reverse(rearrange(out, "b h n d -> b n (h d)"), stripe, (H, W))
+        if any(shift):
+            out = torch.roll(out, shifts=shift, dims=(1, 2))
+        return out.reshape(B, H * W, -1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, stripe_type={self.stripe_type}, " \
+               f"stripe_shift={self.stripe_shift}"
