@@ -1,0 +1,1 @@
+"""Command-line tools: ``grl-convert`` (checkpoint conversion) and ``grl-demo``."""
