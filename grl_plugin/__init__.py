@@ -12,10 +12,7 @@ _compat.apply()
 
 from .archs import (GRL, PRESET_KWARGS, PRESETS, grl_base, grl_base_bsr, grl_small,  # noqa: E402
                     grl_tiny, preset_kwargs)
-try:  # TEMP until checkpoint.py lands
-    from .archs.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-except ImportError:
-    pass
+from .archs.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 
 
 def _register_all() -> None:

@@ -62,8 +62,9 @@ class GRL(nn.Module):
     ``"reference"`` (the literal official computation); both give the same outputs.
 
     Input (B, in_channels, H, W) of any size: padded right/bottom (reflect, else zeros) to a
-    multiple of :attr:`pad_size`, output cropped to (H * s, W * s) with s the upscale of the
-    head (1 for ``upsampler=""``).
+    multiple of :attr:`pad_size`, output cropped to (H * upscale, W * upscale). Restoration
+    configs (``upsampler=""``) must set ``upscale=1``; the official class default of 2 makes
+    the official model -- and so this one -- return the padded output.
     """
 
     def __init__(self, img_size: int = 64, in_channels: int = 3, out_channels: Optional[int] = None,
@@ -153,11 +154,6 @@ class GRL(nn.Module):
             for layer in self.layers:
                 _init_stage(layer, init_method)
 
-    @property
-    def scale(self) -> int:
-        """Output / input size ratio (1 for the restoration head ``upsampler=""``)."""
-        return self.upscale if self.upsampler else 1
-
     def set_attn_impl(self, impl: str) -> "GRL":
         """Switch every attention between ``"sdpa"`` and ``"reference"``."""
         if impl not in ATTN_IMPLS:
@@ -203,8 +199,9 @@ class GRL(nn.Module):
             r = self.conv_after_body(self.forward_features(f)) + f
             y = x + self.conv_last(r) if self.in_channels == self.out_channels else self.conv_last(r)
         y = y / self.img_range + mean
-        s = self.scale
-        return y[:, :, :H * s, :W * s]
+        # Official crop, whatever the head: with upsampler "" and upscale > 1 (no official
+        # config) this keeps the padded border, as the official model does.
+        return y[:, :, :H * self.upscale, :W * self.upscale]
 
 
 def _init_weights(m: nn.Module) -> None:
