@@ -107,14 +107,15 @@ def register(registry, obj, name=None):
     """Idempotently register ``obj`` into a basicsr ``Registry`` under ``name``.
 
     ``name`` defaults to ``obj.__name__``. If the name already holds the same object,
-    or one with the same ``__module__`` and ``__qualname__`` (e.g. after a module
-    reload), nothing happens (the registered object is kept). If a different object
-    holds the name, a ``ValueError`` naming both is raised. Returns ``obj``.
+    nothing happens; if it holds one with the same ``__module__`` and ``__qualname__``
+    (a module reload), the new object replaces it. If an unrelated object holds the
+    name, a ``ValueError`` naming both is raised. Returns ``obj``.
     """
     name = name or obj.__name__
     if name in registry:
         existing = registry._obj_map[name]
         if _same(existing, obj):
+            registry._obj_map[name] = obj
             return obj
         raise ValueError(f"Cannot register {_describe(obj)} as '{name}' in the '{registry._name}' "
                          f"registry: the name is already taken by {_describe(existing)}")

@@ -106,13 +106,14 @@ def test_register_is_idempotent(registry):
     assert list(registry.keys()) == ['Net']
 
 
-def test_register_same_qualname_after_reload_is_a_noop(registry):
+def test_register_same_qualname_after_reload_replaces(registry):
     from grl_plugin.compat import register
     old, new = _make_class(), _make_class()
     assert old is not new
     register(registry, old)
     register(registry, new)  # e.g. importlib.reload of the defining module
-    assert registry.get('Net') is old
+    assert registry.get('Net') is new
+    assert list(registry.keys()) == ['Net']
 
 
 def test_register_with_explicit_name(registry):
