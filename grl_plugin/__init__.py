@@ -16,11 +16,17 @@ from .archs.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 
 
 def _register_all() -> None:
-    from basicsr.utils.registry import ARCH_REGISTRY
+    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+
+    from . import data, models
 
     _compat.register(ARCH_REGISTRY, GRL, "GRL")
     for name, fn in PRESETS.items():
         _compat.register(ARCH_REGISTRY, fn, name)
+    for cls in data.DATASETS:
+        _compat.register(DATASET_REGISTRY, cls)
+    for cls in models.MODELS:
+        _compat.register(MODEL_REGISTRY, cls)
 
 
 _register_all()

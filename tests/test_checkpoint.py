@@ -308,7 +308,14 @@ def test_basicsr_params_and_params_ema(GRL, tmp_path):
             sd, kwargs = load_checkpoint(path, key=key)
         assert kwargs.format == f'basicsr ({key or "params_ema"})'
         check_same_outputs(GRL, model, sd, dict(kwargs, **GEOMETRY))
+    # BasicSR's rule: a missing params_ema falls back to params
     torch.save({'params': plain.state_dict()}, path)
+    with pytest.warns(CheckpointWarning):
+        sd, kwargs = load_checkpoint(path, key='params_ema')
+    assert kwargs.format == 'basicsr (params)'
+    check_same_outputs(GRL, plain, sd, dict(kwargs, **GEOMETRY))
+    # a key that is nowhere in a dict that holds no GRL weights is an error
+    torch.save({'weights': plain.state_dict()}, path)
     with pytest.raises(CheckpointError, match="no 'params_ema' entry"):
         load_checkpoint(path, key='params_ema')
 

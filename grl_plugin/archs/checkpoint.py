@@ -310,9 +310,12 @@ def _unwrap(obj: Any, key: Optional[str]) -> tuple:
         model = model.get('model_g', model) if isinstance(model, dict) else None
         config = _resolve(model, hp) if isinstance(model, dict) else None
         obj, fmt = obj['state_dict'], 'lightning'
+    stored = [k for k in ('params_ema', 'params') if isinstance(obj.get(k), Mapping)]
     if key is not None and key not in obj:
-        raise CheckpointError(f'no {key!r} entry (top-level keys: {", ".join(map(str, list(obj)[:6]))})')
-    key = key or next((k for k in ('params_ema', 'params') if isinstance(obj.get(k), Mapping)), None)
+        if not stored and fmt == 'state_dict' and not any(str(k).endswith('conv_first.weight') for k in obj):
+            raise CheckpointError(f'no {key!r} entry (top-level keys: {", ".join(map(str, list(obj)[:6]))})')
+        key = None  # BasicSR's rule: a missing params_ema falls back to params; other formats ignore it
+    key = key or (stored[0] if stored else None)
     if key is not None:
         obj, fmt = obj[key], f'basicsr ({key})'
     return obj, config, fmt

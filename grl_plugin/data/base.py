@@ -1,0 +1,79 @@
+"""Ground-truth image sources shared by the on-the-fly degradation datasets.
+
+GT images come from an LMDB (``io_backend: {type: lmdb}``, made with
+``basicsr.utils.lmdb_util``) or a folder (``io_backend: {type: disk}``, optionally listed by a
+``meta_info_file``), read through BasicSR's ``FileClient``. Training samples are cropped at a
+random position (zero-padded bottom/right when smaller than the patch, as the official data
+modules do) and augmented with the 8 dihedral transforms; the degradation is then applied by
+the subclass to the cropped patch.
+"""
+from __future__ import annotations
+
+import os.path as osp
+import random
+from typing import List, Tuple
+
+import numpy as np
+from basicsr.data.transforms import augment
+from basicsr.utils import FileClient, imfrombytes, scandir
+from torch.utils import data
+
+
+class GTImageDataset(data.Dataset):
+    """Lists and reads GT images; subclasses implement ``degrade(gt, index) -> dict``.
+
+    Options: ``dataroot_gt``, ``io_backend``, ``meta_info_file`` (disk only, optional),
+    ``color`` (True: RGB, False: gray, 1 channel), ``gt_size`` (train patch), ``use_hflip``,
+    ``use_rot`` (train augmentation), ``phase`` (set by BasicSR).
+    """
+
+    def __init__(self, opt: dict):
+        super().__init__()
+        self.opt = opt
+        self.io_backend_opt = dict(opt["io_backend"])
+        self.file_client = None
+        self.gt_folder = opt["dataroot_gt"]
+        self.color = opt.get("color", True)
+        self.paths = self._list_paths()
+        if not self.paths:
+            raise ValueError(f"{opt.get('name', type(self).__name__)}: no images in {self.gt_folder}")
+
+    def _list_paths(self) -> List[str]:
+        if self.io_backend_opt["type"] == "lmdb":
+            self.io_backend_opt["db_paths"] = [self.gt_folder]
+            self.io_backend_opt["client_keys"] = ["gt"]
+            meta = osp.join(self.gt_folder, "meta_info.txt")
+            if not osp.isfile(meta):
+                raise ValueError(f"{self.gt_folder}: not an LMDB made by basicsr (no meta_info.txt)")
+            with open(meta) as f:
+                return [line.split(" ")[0] for line in f if line.strip()]
+        if self.opt.get("meta_info_file"):
+            with open(self.opt["meta_info_file"]) as f:
+                return [osp.join(self.gt_folder, line.split(" ")[0]) for line in f if line.strip()]
+        return sorted(scandir(self.gt_folder, full_path=True))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read_gt(self, index: int) -> Tuple[np.ndarray, str]:
+        """GT as float32 HWC in [0, 1]: BGR as BasicSR reads it (C = 3), or gray (C = 1)."""
+        if self.file_client is None:
+            self.file_client = FileClient(self.io_backend_opt.pop("type"), **self.io_backend_opt)
+        path = self.paths[index]
+        img = imfrombytes(self.file_client.get(path, "gt"), flag="color" if self.color else "grayscale",
+                          float32=True)
+        if img.ndim == 2:
+            img = img[..., None]
+        return img, path
+
+    def crop_and_augment(self, img: np.ndarray) -> np.ndarray:
+        """Random ``gt_size`` patch (zero-padded if the image is smaller) + dihedral augmentation."""
+        size = self.opt["gt_size"]
+        h, w = img.shape[:2]
+        if h < size or w < size:
+            img = np.pad(img, ((0, max(size - h, 0)), (0, max(size - w, 0)), (0, 0)))
+            h, w = img.shape[:2]
+        top, left = random.randint(0, h - size), random.randint(0, w - size)
+        img = img[top:top + size, left:left + size]
+        img = augment(img, self.opt.get("use_hflip", True), self.opt.get("use_rot", True))
+        return np.ascontiguousarray(img)
