@@ -56,6 +56,8 @@ setup(
         'console_scripts': [
             'grl-convert=grl_plugin.cli.convert:main',
             'grl-demo=grl_plugin.cli.demo:main',
+            'grl-train=grl_plugin.cli.train:main',
+            'grl-test=grl_plugin.cli.test:main',
         ],
     },
 )

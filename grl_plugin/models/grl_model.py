@@ -148,19 +148,20 @@ class GRLModel(SRModel):
         return tile
 
     def test(self):
-        net = self.net_g_ema if hasattr(self, "net_g_ema") else self.net_g
+        # The bare network: a DDP wrapper would run collectives (buffer broadcast) in forward,
+        # and ranks validate different numbers of images.
+        net = self.get_bare_model(self.net_g_ema if hasattr(self, "net_g_ema") else self.net_g)
         was_training = net.training
         net.eval()
         tile = self._tile_options()
-        bare = self.get_bare_model(net)
         val_opt = self.opt.get("val") or {}
         dtype = _amp_dtype(val_opt.get("amp"), self.device, "val.amp")
         with torch.no_grad(), self._autocast(dtype):
             self.output = tiled_forward(
                 net, self.lq, tile.get("size"), tile.get("overlap", 0),
-                scale=int(self.opt.get("scale", 1)), multiple=getattr(bare, "pad_size", 1),
+                scale=int(self.opt.get("scale", 1)), multiple=getattr(net, "pad_size", 1),
                 blend=tile.get("blend", "linear")).float()
-        if was_training and net is self.net_g:
+        if was_training:
             net.train()
 
     def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
