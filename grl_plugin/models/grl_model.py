@@ -95,10 +95,6 @@ class GRLModel(SRModel):
         if self.amp_dtype is not None:
             get_root_logger().info(f"Mixed precision training: {self.amp_dtype}.")
 
-    def setup_optimizers(self):
-        self.opt["train"]["optim_g"] = dict(self.opt["train"]["optim_g"])  # SRModel pops 'type'
-        super().setup_optimizers()
-
     def _autocast(self, dtype):
         if dtype is None:
             return contextlib.nullcontext()
