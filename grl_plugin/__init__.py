@@ -30,6 +30,7 @@ def _register_all() -> None:
 
 
 _register_all()
+_compat.apply_basicsr()
 
 __all__ = ["__version__", "GRL", "PRESETS", "PRESET_KWARGS", "grl_tiny", "grl_small", "grl_base",
            "grl_base_bsr", "preset_kwargs", "load_checkpoint", "CheckpointError"]

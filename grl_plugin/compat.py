@@ -48,8 +48,8 @@ import types
 
 __all__ = ['apply', 'apply_basicsr', 'applied', 'original', 'register', 'CompatError',
            'fix_torchvision_import', 'fix_functional_tensor', 'fix_resume_state', 'fix_dist_init_cpu',
-           'fix_ddp_cpu', 'fix_optimizers', 'fix_device_options', 'fix_lmdb_shared_env', 'adjust_options_for_device',
-           'load_resume_state', 'resume_map_location']
+           'fix_ddp_cpu', 'fix_optimizers', 'fix_device_options', 'fix_lmdb_shared_env',
+           'adjust_options_for_device', 'load_resume_state', 'resume_map_location']
 
 _APPLIED = []
 
@@ -232,7 +232,15 @@ def load_resume_state(opt):
 
 def _resume_needs_fix(fn):
     """Probe ``fn``: can it auto-resume, on this machine, a run stored under ``root_path``
-    (which is not the current directory)?"""
+    (which is not the current directory)? If the probe itself cannot run (no writable
+    temporary directory), the fix is applied: the replacement also covers basicsr's cases."""
+    try:
+        return _probe_resume(fn)
+    except OSError:
+        return True
+
+
+def _probe_resume(fn):
     import torch
     with tempfile.TemporaryDirectory(prefix='grl_compat_probe_') as root:
         name = 'grl_compat_resume_probe'
@@ -340,7 +348,8 @@ def _get_optimizer(self, optim_type, params, lr, **kwargs):
     """``BaseModel.get_optimizer`` accepting any ``torch.optim`` optimizer by class name."""
     import torch
     cls = getattr(torch.optim, optim_type, None) if isinstance(optim_type, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+    valid = isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
+    if not valid:
         raise NotImplementedError(f'optimizer {optim_type!r} is not supported: use the name of a torch.optim '
                                   'optimizer (e.g. Adam, AdamW, SGD)')
     return cls(params, lr, **kwargs)
@@ -471,6 +480,13 @@ def _lmdb_refuses_second_open():
         import lmdb
     except ImportError:
         return False
+    try:
+        return _probe_lmdb(lmdb)
+    except OSError:  # no writable temporary directory: sharing environments is harmless
+        return True
+
+
+def _probe_lmdb(lmdb):
     with tempfile.TemporaryDirectory(prefix='grl_compat_probe_') as tmp:
         path = osp.join(tmp, 'probe.lmdb')
         lmdb.open(path, map_size=1 << 16).close()
@@ -487,8 +503,8 @@ def _lmdb_refuses_second_open():
 def fix_lmdb_shared_env():
     """Let two datasets of one process read the same LMDB (e.g. train and val on one LMDB).
 
-    Recent py-lmdb (3.0.0 here) raises ``lmdb.Error: The environment ... is already open in this process``
-    when a path is opened twice; basicsr's ``LmdbBackend`` opens one environment per dataset,
+    Recent py-lmdb (3.0.0 here) raises ``lmdb.Error: The environment ... is already open in
+    this process`` when a path is opened twice; basicsr's ``LmdbBackend`` opens one environment per dataset,
     so with ``num_worker_per_gpu: 0`` (or in ``test_pipeline``) a second dataset on the same
     LMDB fails. Condition: probing a temporary LMDB shows that lmdb refuses a second open.
     Then ``basicsr.utils.file_client.LmdbBackend.__init__`` shares one read-only environment
