@@ -141,3 +141,15 @@ def test_noise_dataset_gray_and_range(images):
     s = ds[0]
     assert s["gt"].shape == (1, 16, 16)
     assert all(5 <= x <= 10 for x in sigmas) and len(sigmas) > 1
+
+
+def test_compile_option_wraps_and_saves_bare_weights(tmp_path, images):
+    opt = make_opt(tmp_path, train={"compile": {"backend": "eager"}})
+    (tmp_path / "models").mkdir()
+    model = build_model(opt)
+    assert hasattr(model.net_g, "_orig_mod")
+    assert isinstance(model.get_bare_model(model.net_g), grl_plugin.GRL)
+    _train_steps(model, _loader(images, "train"), 1)
+    model.save_network(model.net_g, "net_g", 1)
+    saved = torch.load(tmp_path / "models" / "net_g_1.pth", weights_only=True)["params"]
+    assert list(saved) == list(grl_plugin.GRL(**{k: v for k, v in NET.items() if k != "type"}).state_dict())
