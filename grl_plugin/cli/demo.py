@@ -31,11 +31,12 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
+import re
 import shutil
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -229,11 +230,42 @@ def force_yml_args(overrides: Dict[str, object]) -> List[str]:
     return args
 
 
-def run_cli(module: str, opt_path: str, root: str, overrides: Dict[str, object]) -> None:
-    """Run ``python -m <module> -opt <opt_path> --root <root> [--force_yml ...]``."""
+_TIMESTAMP = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ')
+
+
+def _structure_line(line: str) -> bool:
+    """A line of the network's ``repr`` (as BasicSR logs it after ``Network: ...``)."""
+    text = line.rstrip('\n')
+    return text[:1] in (' ', '\t') or text.rstrip() in (')', '') or text.rstrip().endswith('(')
+
+
+def filter_network_structure(lines: Iterable[str]) -> Iterator[str]:
+    """``lines`` without the network ``repr`` that BasicSR logs after ``Network: ...`` (a
+    thousand lines for GRL; it stays in the log file)."""
+    skipping = False
+    for line in lines:
+        if skipping:
+            # the repr is its own log record, "<time> INFO: GRL(", followed by indented lines
+            if line.rstrip().endswith('(') or (_structure_line(line) and not _TIMESTAMP.match(line)):
+                continue
+            skipping = False
+        yield line
+        if 'INFO: Network: ' in line:
+            skipping = True
+            yield '                          (network structure left out here: see the log file)\n'
+
+
+def run_cli(module: str, opt_path: str, root: str, overrides: Dict[str, object], verbose: bool = False) -> None:
+    """Run ``python -m <module> -opt <opt_path> --root <root> [--force_yml ...]``, echoing its
+    output (without the network structure unless ``verbose``)."""
     cmd = [sys.executable, '-m', module, '-opt', opt_path, '--root', root] + force_yml_args(overrides)
     _say('$ ' + ' '.join(cmd))
-    rc = subprocess.call(cmd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    for line in (proc.stdout if verbose else filter_network_structure(proc.stdout)):
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    rc = proc.wait()
     if rc != 0:
         raise SystemExit(f'[demo] {module} failed with exit status {rc}')
 
@@ -246,7 +278,7 @@ def _labelled(img_bgr: np.ndarray, text: str, zoom: int) -> np.ndarray:
         img_bgr = cv2.resize(img_bgr, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
     w = img_bgr.shape[1]
     scale = 0.45 if w >= 200 else 0.35
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    (_, th), base = cv2.getTextSize('Ayg', cv2.FONT_HERSHEY_SIMPLEX, scale, 1)  # same bar for every label
     bar = np.zeros((th + base + 10, w, 3), np.uint8)
     cv2.putText(bar, text, (5, th + 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return np.concatenate([bar, img_bgr], axis=0)
@@ -330,6 +362,7 @@ def parse_args(argv):
                    help="reuse ROOT/experiments/<name>/models/net_g_latest.pth instead of training")
     p.add_argument('--rebuild-data', action='store_true', help='rebuild the LMDBs even if they match')
     p.add_argument('--zoom', type=int, default=2, help='enlargement of the side-by-side pictures (default 2)')
+    p.add_argument('--verbose', action='store_true', help='also show the network structure BasicSR logs')
     return p.parse_args(argv)
 
 
@@ -347,6 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # ---- 1: data
     t0 = time.perf_counter()
+    times = {}
     _say(f'1/4 data: photos from scikit-image -> {args.data}')
     info = build_dataset(args.data, rebuild=args.rebuild_data)
     _say(f'    train: {info["n_train"]} sub-images {CROP_SIZE}x{CROP_SIZE} (step {STEP}) of '
@@ -355,15 +389,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
          f'{HELDOUT_SIZE}x{HELDOUT_SIZE} -> {info["val_lmdb"]}')
     _say(f'    {"reused " + " and ".join(info["reused"]) if info["reused"] else "built"} '
          f'in {time.perf_counter() - t0:.1f}s')
+    times['data'] = time.perf_counter() - t0
 
     # What the command line changes in the option files (passed as --force_yml).
     train_over: Dict[str, object] = {}
     test_over: Dict[str, object] = {}
-    if osp.normpath(args.data) != osp.join('datasets', 'demo'):
-        train_over['datasets:train:dataroot_gt'] = info['train_lmdb']
-        train_over['datasets:val:dataroot_gt'] = info['val_lmdb']
-        test_key = [k for k in test_opt['datasets'] if k.startswith('test')][0]
-        test_over[f'datasets:{test_key}:dataroot_gt'] = info['val_lmdb']
+    test_key = [k for k in test_opt['datasets'] if k.startswith('test')][0]
+    for opt, over, key, lmdb_path in ((train_opt, train_over, 'train', info['train_lmdb']),
+                                      (train_opt, train_over, 'val', info['val_lmdb']),
+                                      (test_opt, test_over, test_key, info['val_lmdb'])):
+        if osp.normpath(opt['datasets'][key]['dataroot_gt']) != osp.normpath(lmdb_path):
+            over[f'datasets:{key}:dataroot_gt'] = lmdb_path
     if args.iters is not None:
         if args.iters < 1:
             raise SystemExit('[demo] --iters must be >= 1')
@@ -394,17 +430,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f'patches, sigma {ds.get("sigma", ds.get("sigma_range"))}, {tr["optim_g"]["type"]} lr {tr["optim_g"]["lr"]}')
         if osp.isdir(osp.join(root, 'experiments', name)):
             _say(f'    (BasicSR renames the previous experiments/{name} to {name}_archived_<time>)')
-        run_cli('grl_plugin.train', train_path, root, train_over)
+        run_cli('grl_plugin.train', train_path, root, train_over, args.verbose)
         _say(f'    training took {time.perf_counter() - t0:.0f}s; weights: {weights}')
+    times['train'] = time.perf_counter() - t0
 
     # ---- 3: test
     t0 = time.perf_counter()
     _say(f'3/4 test: grl-test on the held-out photos with {weights}')
-    run_cli('grl_plugin.test', test_path, root, test_over)
+    run_cli('grl_plugin.test', test_path, root, test_over, args.verbose)
     vis_dir = osp.join(root, 'results', test_opt['name'], 'visualization')
     _say(f'    testing took {time.perf_counter() - t0:.0f}s; restored images in {vis_dir}')
+    times['test'] = time.perf_counter() - t0
 
     # ---- 4: evaluate
+    t0 = time.perf_counter()
     _say('4/4 evaluate: PSNR/SSIM on 8-bit RGB, no border crop (basicsr.metrics)')
     rows = evaluate(test_opt, vis_dir, out_dir, zoom=args.zoom)
     print()
@@ -419,7 +458,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'{grl:.2f} dB vs {noisy:.2f} dB ({grl - noisy:+.2f} dB PSNR, {d_ssim:+.4f} SSIM)')
     for r in rows:
         print(f'  picture (noisy | GRL-T | ground truth): {r["picture"]}')
-    print(f'[demo] total wall time {time.perf_counter() - t_all:.0f}s')
+    times['evaluate'] = time.perf_counter() - t0
+    print(f'[demo] wall time {time.perf_counter() - t_all:.0f}s ('
+          + ', '.join(f'{k} {v:.0f}s' for k, v in times.items()) + ')')
     return 0 if beats else 1
 
 

@@ -45,8 +45,8 @@ class GTImageDataset(data.Dataset):
             meta = osp.join(self.gt_folder, "meta_info.txt")
             if not osp.isfile(meta):
                 raise ValueError(f"{self.gt_folder}: not an LMDB made by basicsr (no meta_info.txt)")
-            with open(meta) as f:
-                return [line.split(" ")[0] for line in f if line.strip()]
+            with open(meta) as f:  # meta_info lists file names; the LMDB keys drop the extension
+                return [osp.splitext(line.split(" ")[0])[0] for line in f if line.strip()]
         if self.opt.get("meta_info_file"):
             with open(self.opt["meta_info_file"]) as f:
                 return [osp.join(self.gt_folder, line.split(" ")[0]) for line in f if line.strip()]

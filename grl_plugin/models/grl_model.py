@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os.path as osp
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -29,7 +30,7 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from tqdm import tqdm
 
-from ..archs.checkpoint import load_checkpoint
+from ..archs.checkpoint import CheckpointWarning, load_checkpoint
 from ..archs.grl_arch import GRL
 from ..tiling import tiled_forward
 
@@ -74,7 +75,9 @@ class GRLModel(SRModel):
         bare = self.get_bare_model(net)
         if not isinstance(bare, GRL):
             return super().load_network(net, load_path, strict, param_key)
-        state_dict, kwargs = load_checkpoint(load_path, key=param_key)
+        with warnings.catch_warnings():  # geometry not stored in the file: network_g gives it
+            warnings.simplefilter("ignore", CheckpointWarning)
+            state_dict, kwargs = load_checkpoint(load_path, key=param_key)
         logger = get_root_logger()
         logger.info(f"Loading GRL weights from {load_path} ({kwargs.format}).")
         for name in ("window_size", "stripe_size", "stripe_groups", "anchor_window_down_factor"):
