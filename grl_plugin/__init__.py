@@ -16,17 +16,18 @@ from .archs.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 
 
 def _register_all() -> None:
-    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+    from basicsr.utils.registry import (ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY,
+                                        MODEL_REGISTRY)
 
-    from . import data, models
+    from . import data, losses, metrics, models
 
     _compat.register(ARCH_REGISTRY, GRL, "GRL")
     for name, fn in PRESETS.items():
         _compat.register(ARCH_REGISTRY, fn, name)
-    for cls in data.DATASETS:
-        _compat.register(DATASET_REGISTRY, cls)
-    for cls in models.MODELS:
-        _compat.register(MODEL_REGISTRY, cls)
+    for registry, objs in ((DATASET_REGISTRY, data.DATASETS), (MODEL_REGISTRY, models.MODELS),
+                           (LOSS_REGISTRY, losses.LOSSES), (METRIC_REGISTRY, metrics.METRICS)):
+        for obj in objs:
+            _compat.register(registry, obj)
 
 
 _register_all()
