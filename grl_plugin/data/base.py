@@ -68,12 +68,55 @@ class GTImageDataset(data.Dataset):
 
     def crop_and_augment(self, img: np.ndarray) -> np.ndarray:
         """Random ``gt_size`` patch (zero-padded if the image is smaller) + dihedral augmentation."""
-        size = self.opt["gt_size"]
-        h, w = img.shape[:2]
-        if h < size or w < size:
-            img = np.pad(img, ((0, max(size - h, 0)), (0, max(size - w, 0)), (0, 0)))
-            h, w = img.shape[:2]
-        top, left = random.randint(0, h - size), random.randint(0, w - size)
-        img = img[top:top + size, left:left + size]
-        img = augment(img, self.opt.get("use_hflip", True), self.opt.get("use_rot", True))
-        return np.ascontiguousarray(img)
+        return self.crop_and_augment_all([img])[0]
+
+    def crop_and_augment_all(self, imgs: List[np.ndarray], step: int = 1) -> List[np.ndarray]:
+        """:func:`crop_and_augment_all` with this dataset's ``gt_size``/``use_hflip``/``use_rot``."""
+        return crop_and_augment_all(imgs, self.opt["gt_size"], self.opt.get("use_hflip", True),
+                                    self.opt.get("use_rot", True), step)
+
+
+def dataset_name(opt: dict, default: str) -> str:
+    """The dataset's ``name`` option (for error messages), else ``default``."""
+    return str(opt.get("name") or default)
+
+
+def check_gt_size(opt: dict, name: str, even: bool = False) -> None:
+    """ValueError unless ``gt_size`` is a positive (even, if asked) integer; training only."""
+    if opt.get("phase") != "train":
+        return
+    size = opt.get("gt_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or (even and size % 2):
+        kind = "a positive even integer" if even else "a positive integer"
+        raise ValueError(f"{name}: gt_size must be {kind} for training, got {size!r}")
+
+
+def modcrop(img: np.ndarray, modulo: int) -> np.ndarray:
+    """Top-left crop of an HWC image to a multiple of ``modulo`` in height and width."""
+    if modulo <= 1:
+        return img
+    h, w = img.shape[:2]
+    return img[:h - h % modulo, :w - w % modulo]
+
+
+def crop_and_augment_all(imgs: List[np.ndarray], size: int, use_hflip: bool = True, use_rot: bool = True,
+                         step: int = 1) -> List[np.ndarray]:
+    """The same random ``size`` x ``size`` window (top-left corner a multiple of ``step``) cut out
+    of every HWC image of ``imgs`` (all the same height/width; zero-padded bottom/right when smaller
+    than the patch), then the same random dihedral transform (basicsr ``augment``) on all of them.
+
+    Returns new contiguous arrays (the inputs are never modified).
+    """
+    h, w = imgs[0].shape[:2]
+    if any(im.shape[:2] != (h, w) for im in imgs):
+        raise ValueError(f"crop: images differ in size: {[im.shape[:2] for im in imgs]}")
+    if h < size or w < size:
+        imgs = [np.pad(im, ((0, max(size - h, 0)), (0, max(size - w, 0)), (0, 0))) for im in imgs]
+        h, w = imgs[0].shape[:2]
+    top = random.randint(0, (h - size) // step) * step
+    left = random.randint(0, (w - size) // step) * step
+    patches = [np.ascontiguousarray(im[top:top + size, left:left + size]) for im in imgs]
+    patches = augment(patches, use_hflip, use_rot)
+    if not isinstance(patches, list):  # basicsr returns a bare array for a one-element list
+        patches = [patches]
+    return [np.ascontiguousarray(p) for p in patches]

@@ -192,6 +192,7 @@ def _grl_geometry(window_size, stripe_size, stripe_groups, df, size, device) -> 
                        _stripe_geometry(stripe_size[::-1], stripe_groups[::-1], df, size, device))
 
 
+@torch.compiler.disable  # a cache lookup, not graph code: dynamo would re-trace the builders
 def grl_geometry(window_size: int, stripe_size: Sequence[Optional[int]],
                  stripe_groups: Sequence[Optional[int]], df: int, size: Size2,
                  device: torch.device | str | None = None) -> GRLGeometry:
