@@ -47,10 +47,13 @@ class AffineTransform(nn.Module):
         return torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()
 
     def position_bias(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """16 * sigmoid(cpb_mlp(table)) gathered by ``index`` (N1, N2) -> (heads, N1, N2)."""
-        values = self.cpb_mlp(table).view(-1, self.num_heads)
-        bias = values[index.reshape(-1)].view(*index.shape, self.num_heads)
-        return 16 * torch.sigmoid(bias.permute(2, 0, 1))
+        """16 * sigmoid(cpb_mlp(table)) gathered by ``index`` (N1, N2) -> (heads, N1, N2).
+
+        The sigmoid is applied to the small table before the gather (it is elementwise, so the
+        result is the same) and the gather reads head-major, giving a contiguous result.
+        """
+        values = 16 * torch.sigmoid(self.cpb_mlp(table).view(-1, self.num_heads))
+        return values.t()[:, index.reshape(-1)].view(self.num_heads, *index.shape)
 
 
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transform: AffineTransform,

@@ -1,7 +1,9 @@
 """BasicSR models (registered by ``import grl_plugin``)."""
 from .grl_model import GRLModel
+from .realesrgan_model import GRLRealESRGANModel, GRLRealESRNetModel
 
 #: Model classes registered in BasicSR's MODEL_REGISTRY.
 MODELS = [GRLModel]
+MODELS += [GRLRealESRNetModel, GRLRealESRGANModel]
 
-__all__ = ["MODELS", "GRLModel"]
+__all__ = ["MODELS", "GRLModel", "GRLRealESRNetModel", "GRLRealESRGANModel"]
