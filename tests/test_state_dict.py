@@ -77,3 +77,17 @@ def test_weights_trained_at_one_size_run_at_another():
     x = torch.rand(1, 3, 40, 24)
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("task,family", [("tiny@sr", ("sr", "T")), ("small@sr", ("sr", "S")),
+                                         ("tiny@dn", ("dn", "T")), ("small@jpeg", ("jpeg", "S")),
+                                         ("small@dm", ("dm", "S")), ("base@db_motion", ("db_motion", "B")),
+                                         ("base@db_defocus", ("db_defocus", "B")),
+                                         ("base_bsr@bsr", ("bsr", "B"))])
+def test_task_kwargs_equal_official_experiment_configs(task, family):
+    from grl_plugin.archs.tasks import task_kwargs
+
+    ref = _load("task_configs.json")["tasks"][task]["model_kwargs"]
+    got = task_kwargs(*family)
+    assert {k: got[k] for k in got if k in ref} == {k: ref[k] for k in got if k in ref}
+    assert GRL(**got).pad_size == _load("task_configs.json")["tasks"][task]["pad_size"]

@@ -1,6 +1,7 @@
 """GRL networks: the architecture, its presets and checkpoint conversion (no training code)."""
 from .grl_arch import GRL
 from .presets import PRESET_KWARGS, PRESETS, grl_base, grl_base_bsr, grl_small, grl_tiny, preset_kwargs
+from .tasks import TASKS, task_kwargs
 
 __all__ = ["GRL", "PRESETS", "PRESET_KWARGS", "grl_tiny", "grl_small", "grl_base", "grl_base_bsr",
-           "preset_kwargs"]
+           "preset_kwargs", "TASKS", "task_kwargs"]
