@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from basicsr.utils import img2tensor
 
-from .base import GTImageDataset
+from .base import GTImageDataset, modcrop
 
 
 def validation_noise(name: str, shape, sigma: float) -> np.ndarray:
@@ -25,7 +25,9 @@ class GaussianNoiseDataset(GTImageDataset):
 
     Options (besides :class:`GTImageDataset`'s): ``sigma`` (fixed noise level in 0-255 units)
     or ``sigma_range: [lo, hi]`` (uniform per training sample; validation uses ``sigma`` or the
-    middle of the range). Training noise is random; validation noise is fixed per image.
+    middle of the range); ``modulo`` (validation: top-left crop to a multiple of it; default 1,
+    the official data modules use 8). Training noise is random; validation noise is fixed per
+    image.
     Returns ``lq``, ``gt`` (C, H, W float tensors; RGB for color images), ``lq_path``,
     ``gt_path``, ``sigma``.
     """
@@ -48,6 +50,8 @@ class GaussianNoiseDataset(GTImageDataset):
         train = self.opt.get("phase") == "train"
         if train:
             gt = self.crop_and_augment(gt)
+        else:
+            gt = modcrop(gt, int(self.opt.get("modulo", 1)))
         gt_t = img2tensor(gt, bgr2rgb=gt.shape[2] == 3, float32=True)
         sigma = self._sigma(train)
         if train:
