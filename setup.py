@@ -49,8 +49,9 @@ setup(
         'safetensors',
     ],
     extras_require={
-        'test': ['pytest', 'scikit-image'],
+        'test': ['pytest', 'scikit-image', 'onnx', 'onnxruntime'],
         'demo': ['scikit-image'],
+        'onnx': ['onnx', 'onnxruntime'],
     },
     entry_points={
         'console_scripts': [
@@ -58,6 +59,9 @@ setup(
             'grl-demo=grl_plugin.cli.demo:main',
             'grl-train=grl_plugin.cli.train:main',
             'grl-test=grl_plugin.cli.test:main',
+            'grl-prepare=grl_plugin.cli.prepare:main',
+            'grl-infer=grl_plugin.cli.infer:main',
+            'grl-export=grl_plugin.cli.export:main',
         ],
     },
 )

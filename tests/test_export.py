@@ -1,0 +1,69 @@
+"""grl-export: the tiny GRL exported to ONNX at 32x32 runs under onnxruntime like PyTorch."""
+from __future__ import annotations
+
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import grl_plugin  # noqa: F401
+from grl_plugin import GRL
+from grl_plugin.cli import export
+
+TINY = dict(in_channels=3, embed_dim=16, num_heads_window=[1], num_heads_stripe=[1], window_size=4,
+            stripe_size=[8, 8], stripe_groups=[None, None], stripe_shift=True, anchor_window_down_factor=2,
+            mlp_ratio=2, upscale=2, upsampler='pixelshuffle')
+
+
+def _ckpt(tmp_path, depth: int):
+    kwargs = dict(TINY, depths=[depth])
+    torch.manual_seed(depth)
+    model = GRL(**kwargs).eval()
+    path = tmp_path / f'sr_grl_tiny_c3x2_d{depth}.ckpt'
+    torch.save({'state_dict': {'model.' + k: v for k, v in model.state_dict().items()},
+                'hyper_parameters': {'model': kwargs}}, path)
+    return path, model
+
+
+@pytest.mark.parametrize('depth, tile', [(1, 32), (4, 32), (1, 64)])  # 4 blocks: shifted windows and stripes
+def test_export_matches_pytorch(tmp_path, capsys, depth, tile):
+    """The README's grl-export line (tile 64), and at 32x32."""
+    ort = pytest.importorskip('onnxruntime', reason='onnxruntime is not available on this platform')
+    pytest.importorskip('onnx', reason='onnx is not installed')
+    ckpt, model = _ckpt(tmp_path, depth)
+    out = tmp_path / 'grl_tiny_x2.onnx'
+    rc = export.main(['--checkpoint', str(ckpt), '--tile', str(tile), '--output', str(out), '--check'])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    delta = float(re.search(r'max \|delta\| = (\S+)', text).group(1))
+    print(f'ONNX max |delta| (depth {depth}, tile {tile}): {delta:.3g}', file=sys.__stderr__)
+    assert delta <= 1e-4
+    # an independent run on a real-looking input
+    x = torch.linspace(0, 1, 3 * tile * tile).reshape(1, 3, tile, tile).flip(-1)
+    session = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    (inp, ), (outp, ) = session.get_inputs(), session.get_outputs()
+    assert inp.name == 'input' and list(inp.shape) == [1, 3, tile, tile]
+    assert list(outp.shape) == [1, 3, 2 * tile, 2 * tile]
+    y = session.run(None, {'input': x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(y - ref).max() <= 1e-4
+    meta = {p.key: p.value for p in __import__('onnx').load(str(out)).metadata_props}
+    assert meta['tile'] == str(tile) and meta['scale'] == '2' and '"window_size": 4' in meta['grl_kwargs']
+
+
+def test_export_errors(tmp_path, capsys, monkeypatch):
+    ckpt, _ = _ckpt(tmp_path, 1)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, 'onnx', None)  # as if not installed
+        rc = export.main(['--checkpoint', str(ckpt), '--tile', '32', '--output', str(tmp_path / 'a.onnx')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith('grl-export: error:')
+    assert 'pip install onnx onnxruntime' in err[0]
+    pytest.importorskip('onnx', reason='onnx is not installed')
+    rc = export.main(['--checkpoint', str(ckpt), '--tile', '30', '--output', str(tmp_path / 'a.onnx')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and 'multiple 8' in err[0] and '24 or 32' in err[0]
+    assert not (tmp_path / 'a.onnx').exists()
