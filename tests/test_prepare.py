@@ -356,6 +356,8 @@ def test_readme_walkthrough(capsys, tmp_path, monkeypatch):
     assert infer_cli.main(infer[1:]) == 0
     capsys.readouterr()
     assert list((tmp_path / value(infer, '--output')).glob('astronaut_noisy*.png'))
+    assert '--compare' in infer  # side-by-side pictures of input and output
+    assert list((tmp_path / value(infer, '--output') / 'compare').glob('astronaut_noisy*.png'))
 
 
 def test_paired_deblurring_matches_by_name(capsys, tmp_path, photos):
