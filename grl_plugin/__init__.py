@@ -19,11 +19,13 @@ def _register_all() -> None:
     from basicsr.utils.registry import (ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY,
                                         MODEL_REGISTRY)
 
-    from . import data, losses, metrics, models
+    from . import archs, data, losses, metrics, models
 
     _compat.register(ARCH_REGISTRY, GRL, "GRL")
     for name, fn in PRESETS.items():
         _compat.register(ARCH_REGISTRY, fn, name)
+    for obj in archs.ARCHS:
+        _compat.register(ARCH_REGISTRY, obj)
     for registry, objs in ((DATASET_REGISTRY, data.DATASETS), (MODEL_REGISTRY, models.MODELS),
                            (LOSS_REGISTRY, losses.LOSSES), (METRIC_REGISTRY, metrics.METRICS)):
         for obj in objs:

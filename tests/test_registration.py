@@ -25,4 +25,4 @@ print("ok", sorted(k for k in ARCH_REGISTRY.keys() if k.startswith("GRL")))
 def test_registration_idempotent_in_any_order():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "ok ['GRL', 'GRL_B', 'GRL_B_BSR', 'GRL_S', 'GRL_T']" in out.stdout
+    assert "ok ['GRL', 'GRLInserted', 'GRLUNet', 'GRL_B', 'GRL_B_BSR', 'GRL_S', 'GRL_T']" in out.stdout
