@@ -8,8 +8,9 @@ SwinV2-style (SPEC §5). For queries ``q`` and keys ``k``::
 Window attention and both stages of anchored stripe attention call :func:`cosine_attention`.
 Two implementations give the same result: ``"sdpa"`` (default) folds the logit scale into the
 normalised queries and hands bias + mask to ``F.scaled_dot_product_attention`` as one additive
-mask, so no logits are materialised where a fused kernel exists; ``"reference"`` spells out
-the official steps one by one and is kept as the oracle.
+mask, so no logits are materialised where a fused kernel exists (on CPU, where SDPA would run
+its math fallback with extra safe-softmax passes, it computes the same folded form explicitly);
+``"reference"`` spells out the official steps one by one and is kept as the oracle.
 """
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ class AffineTransform(nn.Module):
         result is the same) and the gather reads head-major, giving a contiguous result.
         """
         values = 16 * torch.sigmoid(self.cpb_mlp(table).view(-1, self.num_heads))
-        return values.t()[:, index.reshape(-1)].view(self.num_heads, *index.shape)
+        # index_select on the contiguous (heads, T) table: a faster gather than advanced
+        # indexing, and its backward is one dense index_add_ instead of autograd's
+        # index_put_(accumulate=True), which sorts the (N1 * N2)-long index on every call.
+        return values.t().contiguous().index_select(1, index.reshape(-1)).view(self.num_heads, *index.shape)
 
 
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transform: AffineTransform,
@@ -90,6 +94,26 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
     q = F.normalize(q, dim=-1) * transform.scale().to(q.dtype)
     k = F.normalize(k, dim=-1)
+    if q.device.type == "cpu":
+        # On CPU, SDPA with a float mask runs its math kernel, which adds safe-softmax checks
+        # (isneginf / all / where over the whole logit tensor, forward and backward). The
+        # explicit form below is the same math without them; bias and mask are added in place
+        # (autograd-safe: the matmul backward does not need its output).
+        attn = q @ k.transpose(-2, -1)
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()  # in-place on views breaks export
+        if mask is None:
+            attn = attn + bias.to(q.dtype) if tracing else attn.add_(bias.to(q.dtype))
+        else:
+            n_w, heads, n1, n2 = mask.shape[0], attn.shape[1], attn.shape[2], attn.shape[3]
+            full = (bias.unsqueeze(0) + mask.unsqueeze(1)).to(q.dtype)
+            if tracing:
+                attn = (attn.view(-1, n_w, heads, n1, n2) + full).view(-1, heads, n1, n2)
+            else:
+                attn.view(-1, n_w, heads, n1, n2).add_(full)
+        attn = attn.softmax(dim=-1)
+        if dropout_p > 0:
+            attn = F.dropout(attn, dropout_p)
+        return attn @ v
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                               dropout_p=dropout_p, scale=1.0)

@@ -1,0 +1,240 @@
+"""Benchmark GRL implementations side by side: official (oracle) vs reference vs fast.
+
+For every (config, input size) the three implementations are built with the SAME weights:
+
+* ``official``  -- ``tests/oracle/official_grl.py`` (literal re-statement of the official
+  network), built with ``img_size`` = padded input size so its registered buffers are used;
+* ``reference`` -- ``GRL(attn_impl="reference")`` (explicit logits, the in-package oracle);
+* ``fast``      -- ``GRL(attn_impl="sdpa")`` (the default path).
+
+Timings are taken in ONE process, interleaved round-robin (official, reference, fast,
+official, ...) after warm-up, so that machine-load drift hits all three alike; the table
+reports medians and the ratios fast/official and fast/reference. Peak memory is the
+peak RSS (``VmHWM``) of a fresh subprocess per (config, size, implementation): one eval forward
+(``fwd MiB``), then one training step (``train MiB``, max of both phases).
+
+Usage::
+
+    python benchmarks/bench_attention.py                      # T/S/B model-YAML + @sr configs at 64x64
+    python benchmarks/bench_attention.py --configs tiny@sr small@sr --sizes 64 128 --repeats 5
+    python benchmarks/bench_attention.py --quick              # smoke run (tiny, 32x32, 1 repeat)
+
+The glibc malloc settings of the official baseline (BASELINE.md) are applied by re-executing
+the script with them unless ``--no-malloc-env`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+              "MALLOC_TOP_PAD_": "1073741824"}
+IMPLS = ("official", "reference", "fast")
+
+_COMMON = dict(in_channels=3, img_range=1.0, mlp_ratio=2, stripe_shift=True, qkv_proj_type="linear",
+               anchor_proj_type="avgpool", anchor_one_stage=True, anchor_window_down_factor=4,
+               out_proj_type="linear", conv_type="1conv", init_method="n", drop_path_rate=0.1)
+_MODEL = {
+    "tiny": dict(embed_dim=64, depths=[4] * 4, num_heads_window=[2] * 4, num_heads_stripe=[2] * 4,
+                 upscale=2, upsampler="pixelshuffledirect", local_connection=False),
+    "small": dict(embed_dim=128, depths=[4] * 4, num_heads_window=[2] * 4, num_heads_stripe=[2] * 4,
+                  upscale=2, upsampler="pixelshuffle", local_connection=False),
+    "base": dict(embed_dim=180, depths=[4, 4, 8, 8, 8, 4, 4], num_heads_window=[3] * 7,
+                 num_heads_stripe=[3] * 7, upscale=2, upsampler="pixelshuffle", local_connection=True),
+}
+_YAML_GEOM = dict(window_size=8, stripe_size=[8, None], stripe_groups=[None, 4])
+_SR_GEOM = dict(window_size=32, stripe_size=[64, 64], stripe_groups=[None, None])
+CONFIGS = {}
+for _name, _kw in _MODEL.items():
+    CONFIGS[_name] = {**_COMMON, **_kw, **_YAML_GEOM}
+    CONFIGS[_name + "@sr"] = {**_COMMON, **_kw, **_SR_GEOM}
+
+
+def _imports():
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import torch
+    from grl_plugin.archs.grl_arch import GRL
+    from oracle.official_grl import BUFFER_NAMES, OfficialGRL
+    return torch, GRL, OfficialGRL, BUFFER_NAMES
+
+
+def build(config: str, size: int, impls=IMPLS, seed: int = 0):
+    """The models of ``impls`` for ``config`` with identical weights (eval mode)."""
+    torch, GRL, OfficialGRL, BUFFER_NAMES = _imports()
+    kw = dict(CONFIGS[config])
+    torch.manual_seed(seed)
+    probe = GRL(**kw)
+    mult = probe.pad_multiple if hasattr(probe, "pad_multiple") else 64
+    padded = -(-size // mult) * mult
+    official = OfficialGRL(img_size=padded, **kw)
+    sd = {k: v for k, v in official.state_dict().items() if k not in BUFFER_NAMES}
+    models = {}
+    for impl in impls:
+        if impl == "official":
+            models[impl] = official
+        else:
+            m = GRL(attn_impl="sdpa" if impl == "fast" else "reference", **kw)
+            m.load_state_dict(sd, strict=True)
+            models[impl] = m
+    for m in models.values():
+        m.eval()
+    return models
+
+
+def _fwd(torch, model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _train_step(torch, model, x, target, seed=0):
+    model.train()
+    torch.manual_seed(seed)  # same DropPath draws for every implementation
+    out = model(x)
+    loss = (out - target).abs().mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _maxrss_mib() -> float:
+    """Peak RSS of this process image in MiB.
+
+    ``VmHWM`` of ``/proc/self/status`` where available: ``ru_maxrss`` survives fork + exec on
+    Linux, so a child of a large benchmark process would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_child(config: str, size: int, impl: str) -> dict:
+    torch, *_ = _imports()
+    models = build(config, size, impls=(impl,))
+    model = models[impl]
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, size, size)
+    base = _maxrss_mib()
+    out = _fwd(torch, model, x)
+    fwd = _maxrss_mib()
+    _train_step(torch, model, x, torch.rand_like(out))
+    train = _maxrss_mib()
+    # growth of the peak RSS over the RSS after building the model (imports + weights)
+    return {"base": base, "fwd": fwd - base, "train": train - base}
+
+
+def measure_memory(config: str, size: int, impl: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", config, str(size), impl]
+    # default glibc settings here: with MALLOC_TRIM_THRESHOLD_ raised, pages freed after the
+    # imports stay resident and are reused, so the peak would not grow with the workload
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        return {"fwd": float("nan"), "train": float("nan"), "error": res.stderr[-500:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = True) -> dict:
+    torch, *_ = _imports()
+    models = build(config, size)
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, size, size)
+    outs = {k: _fwd(torch, m, x) for k, m in models.items()}
+    target = torch.rand_like(outs["fast"])
+    delta_ref = float((outs["fast"] - outs["reference"]).abs().max())
+    delta_off = float((outs["fast"] - outs["official"]).abs().max())
+    for _ in range(warmup):
+        for m in models.values():
+            _fwd(torch, m, x)
+            _train_step(torch, m, x, target)
+    fwd = {k: [] for k in models}
+    train = {k: [] for k in models}
+    for _ in range(repeats):
+        for k, m in models.items():
+            t = time.perf_counter()
+            _fwd(torch, m, x)
+            fwd[k].append(time.perf_counter() - t)
+        for k, m in models.items():
+            t = time.perf_counter()
+            _train_step(torch, m, x, target)
+            train[k].append(time.perf_counter() - t)
+    row = {"config": config, "size": size, "delta_ref": delta_ref, "delta_off": delta_off,
+           "fwd": {k: statistics.median(v) for k, v in fwd.items()},
+           "train": {k: statistics.median(v) for k, v in train.items()},
+           "load": os.getloadavg()[0]}
+    del models
+    if memory:
+        row["mem"] = {k: measure_memory(config, size, k) for k in IMPLS}
+    return row
+
+
+def format_table(rows) -> str:
+    head = ("| config | input | fwd official (s) | fwd reference (s) | fwd fast (s) | fwd fast/off | "
+            "fwd fast/ref | train official (s) | train reference (s) | train fast (s) | train fast/off | "
+            "train fast/ref | +peak MiB fwd off/ref/fast | +peak MiB train off/ref/fast | "
+            "max abs diff fast-ref | max abs diff fast-off | load |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        f, t = r["fwd"], r["train"]
+        mem = r.get("mem")
+        mf = "/".join(f"{mem[k]['fwd']:.0f}" for k in IMPLS) if mem else "-"
+        mt = "/".join(f"{mem[k]['train']:.0f}" for k in IMPLS) if mem else "-"
+        lines.append(
+            f"| {r['config']} | {r['size']}x{r['size']} | {f['official']:.3f} | {f['reference']:.3f} | "
+            f"{f['fast']:.3f} | {f['fast'] / f['official']:.2f} | {f['fast'] / f['reference']:.2f} | "
+            f"{t['official']:.3f} | {t['reference']:.3f} | {t['fast']:.3f} | "
+            f"{t['fast'] / t['official']:.2f} | {t['fast'] / t['reference']:.2f} | {mf} | {mt} | "
+            f"{r['delta_ref']:.2e} | {r['delta_off']:.2e} | {r['load']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--sizes", nargs="+", type=int, default=[64])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny, 32x32, 1 warm-up, 1 repeat")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--no-malloc-env", action="store_true", help="keep the default glibc malloc settings")
+    p.add_argument("--json", type=str, default=None, help="also write the rows to this JSON file")
+    p.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._memory_child:
+        c, s, i = args._memory_child
+        print(json.dumps(memory_child(c, int(s), i)))
+        return 0
+    if not args.no_malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + sys.argv[1:],
+                  {**os.environ, **MALLOC_ENV})
+    if args.quick:
+        args.configs, args.sizes, args.repeats, args.warmup = ["tiny"], [32], 1, 1
+    import torch
+    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    rows = []
+    for size in args.sizes:
+        for config in args.configs:
+            rows.append(measure(config, size, args.repeats, args.warmup, memory=not args.no_memory))
+            print(f"# done {config} {size}x{size}", file=sys.stderr, flush=True)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

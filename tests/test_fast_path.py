@@ -1,0 +1,98 @@
+"""The fast attention path: gradients equal the reference path, and the benchmark smoke run.
+
+Timings are never asserted (shared, noisy CPU); only that the benchmark runs and that its
+fast-vs-reference/official max |diff| column stays within the 1e-4 tolerance.
+"""
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grl_plugin.archs.grl_arch import GRL
+from grl_plugin.layers.attention import AffineTransform, cosine_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+
+
+def test_position_bias_gather_matches_advanced_indexing_with_grads():
+    torch.manual_seed(0)
+    t = AffineTransform(3)
+    table = torch.randn(1, 7, 7, 2)
+    index = torch.randint(0, 49, (20, 30))
+    bias = t.position_bias(table, index)
+    values = 16 * torch.sigmoid(t.cpb_mlp(table).view(-1, 3))
+    expected = values.t()[:, index.reshape(-1)].view(3, 20, 30)
+    g = torch.randn_like(bias)
+    grads = torch.autograd.grad((bias * g).sum(), list(t.cpb_mlp.parameters()))
+    grads_ref = torch.autograd.grad((expected * g).sum(), list(t.cpb_mlp.parameters()))
+    assert torch.allclose(bias, expected)
+    for a, b in zip(grads, grads_ref):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cosine_attention_fast_grads_match_reference(masked):
+    torch.manual_seed(1)
+    t = AffineTransform(2)
+    with torch.no_grad():
+        t.logit_scale.copy_(torch.tensor([1.0, 5.0]).view(2, 1, 1))  # one head above the clamp
+    n_w, n1, n2 = 3, 16, 8
+    table = torch.randn(1, 5, 5, 2)
+    index = torch.randint(0, 25, (n1, n2))
+    mask = (torch.rand(n_w, n1, n2) > 0.7).float() * -100 if masked else None
+    q = torch.randn(2 * n_w, 2, n1, 4, requires_grad=True)
+    k = torch.randn(2 * n_w, 2, n2, 4, requires_grad=True)
+    v = torch.randn(2 * n_w, 2, n2, 4, requires_grad=True)
+    leaves = [q, k, v] + list(t.parameters())
+    outs, grads = [], []
+    for impl in ("reference", "sdpa"):
+        out = cosine_attention(q, k, v, t, table, index, mask, impl=impl)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                         leaves))
+    assert (outs[0] - outs[1]).abs().max() <= TOL
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))
+
+
+def test_network_train_step_fast_equals_reference():
+    kw = dict(img_size=32, embed_dim=16, depths=[4], num_heads_window=[2], num_heads_stripe=[2],
+              window_size=8, stripe_size=[16, 16], stripe_shift=True, anchor_window_down_factor=2,
+              mlp_ratio=2, upscale=2, upsampler="pixelshuffledirect", drop_path_rate=0.0)
+    torch.manual_seed(0)
+    ref = GRL(attn_impl="reference", **kw).train()
+    fast = GRL(attn_impl="sdpa", **kw).train()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.rand(1, 3, 32, 32)
+    losses = []
+    for m in (ref, fast):
+        loss = m(x).abs().mean()
+        loss.backward()
+        losses.append(float(loss.detach()))
+    assert abs(losses[0] - losses[1]) <= TOL
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        g, gf = p.grad, fast_params[name].grad
+        assert (g - gf).abs().max() <= TOL * max(1.0, float(g.abs().max())), name
+
+
+def test_bench_attention_quick_smoke():
+    t0 = time.time()
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny |")]
+    assert len(lines) == 1, res.stdout
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    header = [c.strip() for c in next(ln for ln in res.stdout.splitlines()
+                                       if ln.startswith("| config")).strip("|").split("|")]
+    row = dict(zip(header, cells))
+    assert float(row["max abs diff fast-ref"]) <= TOL
+    assert float(row["max abs diff fast-off"]) <= TOL
+    assert re.fullmatch(r"[\d.]+", row["fwd fast/ref"])
+    assert time.time() - t0 < 60  # < 30 s on an idle 2-core machine; margin for load
