@@ -33,6 +33,9 @@ Two groups:
                                                                                py-lmdb 3.0 here)
   ========================  =================================================  ==========================
 
+:func:`finish_distributed` is not a patch: the CLIs call it after a pipeline returns, to end the
+process group basicsr leaves open (gloo ranks could otherwise abort at exit).
+
 :func:`applied` lists the fixes that were actually applied in this process;
 :func:`original` returns the basicsr object a fix replaced (for tests and debugging).
 
@@ -48,7 +51,7 @@ import types
 
 __all__ = ['apply', 'apply_basicsr', 'applied', 'original', 'register', 'CompatError',
            'fix_torchvision_import', 'fix_functional_tensor', 'fix_resume_state', 'fix_dist_init_cpu',
-           'fix_ddp_cpu', 'fix_optimizers', 'fix_device_options', 'fix_lmdb_shared_env',
+           'fix_ddp_cpu', 'fix_optimizers', 'finish_distributed', 'fix_device_options', 'fix_lmdb_shared_env',
            'adjust_options_for_device', 'load_resume_state', 'resume_map_location']
 
 _APPLIED = []
@@ -312,6 +315,28 @@ def fix_dist_init_cpu():
     if _cuda_available() or _is_patched('basicsr.utils.dist_util', '_init_dist_pytorch'):
         return False
     return _patch('basicsr.utils.dist_util', '_init_dist_pytorch', _wrap(_init_dist_pytorch_cpu))
+
+
+def finish_distributed():
+    """End the process group a ``--launcher pytorch`` run started (after the pipeline returns).
+
+    basicsr's pipelines never destroy their process group. With gloo, a rank that exits while
+    the group's threads are still alive can abort in the C++ runtime ("terminate called without
+    an active exception", SIGABRT) after training finished cleanly, and torchrun then reports
+    the run as failed. A barrier lets every rank reach the end first; then the group is
+    destroyed. Does nothing when no group was started. Returns True if one was ended.
+    """
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return True
 
 
 def _model_to_device_cpu(self, net):

@@ -232,6 +232,7 @@ def run(mode: str, argv: Optional[Sequence[str]] = None) -> int:
     sys.argv = [prog] + rest
     try:
         pipeline(root)
+        compat.finish_distributed()
     except compat.CompatError as err:
         print(f'{prog}: error: {err}', file=sys.stderr)
         return 2
