@@ -7,7 +7,7 @@
 * :class:`MixedAttention`, :class:`GRLBlock`, :class:`GRLStage` -- take (B, C, H, W) of any
   size, or (B, L, C) tokens with ``x_size``.
 """
-from .attention import ATTN_IMPLS, AffineTransform, cosine_attention
+from .attention import ATTN_IMPLS, AffineTransform, cosine_attention, set_bias_cache, set_lean_backward
 from .block import (CONV_TYPES, DropPath, GRLBlock, GRLStage, MixedAttention, Mlp,
                     build_last_conv, default_heads, pad_to_multiple, to_map, to_tokens)
 from .geometry import GRLGeometry, clear_cache, grl_geometry, pad_multiple, stripe_info
@@ -20,5 +20,6 @@ __all__ = [
     "AnchorStripeAttention", "CAB", "ChannelAttention", "DropPath", "GRLBlock", "GRLGeometry",
     "GRLStage", "MixedAttention", "Mlp", "WindowAttention", "build_last_conv", "clear_cache",
     "cosine_attention", "default_heads", "grl_geometry", "pad_multiple", "pad_to_multiple",
+    "set_bias_cache", "set_lean_backward",
     "stripe_info", "to_map", "to_tokens", "window_partition", "window_reverse",
 ]
