@@ -49,7 +49,7 @@ setup(
         'safetensors',
     ],
     extras_require={
-        'test': ['pytest', 'scikit-image', 'onnx', 'onnxruntime'],
+        'test': ['pytest', 'hypothesis', 'scikit-image', 'onnx', 'onnxruntime'],
         'demo': ['scikit-image'],
         'onnx': ['onnx', 'onnxruntime'],
     },

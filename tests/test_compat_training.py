@@ -87,6 +87,8 @@ def _saved_run(root, name='resume_run', it=2):
     state = {'epoch': 1, 'iter': it, 'optimizers': [optim.state_dict()], 'schedulers': []}
     torch.save(state, exp / 'training_states' / f'{it}.state')
     torch.save(state, exp / 'training_states' / '1.state')  # older one: the newest must win
+    for i in (1, it):  # the network files each state resumes (a state without them is skipped)
+        torch.save({'params': {}}, exp / 'models' / f'net_g_{i}.pth')
     return exp
 
 
@@ -314,3 +316,52 @@ def test_lmdb_shared_between_datasets(compat, tmp_path):
         return PairedImageDataset(opt)
     train, val = dataset('train'), dataset('val')
     assert train[0]['gt'].shape == (3, 16, 16) and val[1]['lq'].shape == (3, 8, 8)
+
+
+# --- 6. the CPU prefetch thread -----------------------------------------------------------
+
+def test_prefetch_thread_error_reaches_the_training_loop(compat):
+    """basicsr's prefetch thread dies on a reading error and leaves the loop waiting forever;
+    patched, the error is raised where the loop asks for the next batch."""
+    from basicsr.data.prefetch_dataloader import PrefetchGenerator
+
+    def failing():
+        yield 1
+        raise ValueError('unreadable sample 7')
+
+    original = type('Original', (PrefetchGenerator,), {
+        'run': compat.original('basicsr.data.prefetch_dataloader', 'PrefetchGenerator.run'),
+        '__next__': compat.original('basicsr.data.prefetch_dataloader', 'PrefetchGenerator.__next__')})
+    if not compat._prefetch_error_is_lost(original):
+        pytest.skip('this basicsr hands prefetch errors to the consumer itself')
+    assert 'fix_prefetch_errors' in compat.applied()
+    gen = PrefetchGenerator(failing(), 1)
+    assert next(gen) == 1
+    with pytest.raises(ValueError, match='unreadable sample 7'):
+        next(gen)
+    assert list(PrefetchGenerator(iter([1, 2]), 1)) == [1, 2]  # normal end unchanged
+
+
+def test_cpu_prefetcher_starts_one_reader(compat):
+    """basicsr's CPUPrefetcher starts an iterator in __init__ and train_pipeline another in
+    reset(): two prefetch threads race on the dataset (KeyError 'type'). One iterator now."""
+    import basicsr.train
+    from basicsr.data.prefetch_dataloader import PrefetchDataLoader
+    made = []
+
+    class Loader(PrefetchDataLoader):
+        def __iter__(self):
+            made.append(1)
+            return super().__iter__()
+
+    loader = Loader(num_prefetch_queue=1, dataset=list(range(4)), batch_size=2)
+    prefetcher = basicsr.train.CPUPrefetcher(loader)
+    prefetcher.reset()
+    batches = []
+    while (b := prefetcher.next()) is not None:
+        batches.append(b.tolist())
+    assert batches == [[0, 1], [2, 3]] and len(made) == 1
+    made.clear()
+    original = compat.original('basicsr.train', 'CPUPrefetcher')
+    original(loader).reset()
+    assert len(made) == 2  # what basicsr does

@@ -332,7 +332,7 @@ def test_train_mode_equivalence_and_grads(kind):
 def test_state_dict_keys_and_order_match_official_params(fname):
     import json
 
-    ref = Path("/work/shared/grl_reference") / fname
+    ref = Path(__file__).resolve().parents[2] / "shared" / "grl_reference" / fname
     if not ref.is_file():
         pytest.skip("reference data not available")
     data = json.loads(ref.read_text())

@@ -26,7 +26,7 @@ from oracle.official_grl import (  # noqa: E402
     get_stripe_info,
 )
 
-REF = Path("/work/shared/grl_reference")
+REF = Path(__file__).resolve().parents[2] / "shared" / "grl_reference"
 pytestmark = pytest.mark.skipif(not REF.is_dir(), reason="GRL reference data not available")
 
 PARAM_FILES = {

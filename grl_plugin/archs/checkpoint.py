@@ -8,7 +8,9 @@ the shapes of the 13 official buffers, or is reported in ``kwargs.missing`` (nev
 
 Pickles are read with ``weights_only=True`` first; official checkpoints (OmegaConf objects in
 ``hyper_parameters``) then go through a restricted unpickler that maps omegaconf/typing classes
-to inert stand-ins and refuses every other global unless ``trust=True``.
+to inert stand-ins and refuses every other global unless ``trust=True``. :func:`torch_load` is the
+same reader for any torch file (BasicSR networks and training states); :func:`check_fit` turns
+"these weights do not fit that network" into one line listing the first differing keys.
 Pure torch + safetensors + pyyaml: no basicsr, no omegaconf needed.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 import yaml
 
 __all__ = ['CheckpointError', 'CheckpointWarning', 'ModelKwargs', 'load_checkpoint', 'save_converted',
-           'infer_kwargs', 'infer_geometry', 'GRL_KWARGS', 'GEOMETRY_KEYS', 'BUFFER_KEYS']
+           'infer_kwargs', 'infer_geometry', 'torch_load', 'fit_problems', 'check_fit', 'GRL_KWARGS',
+           'GEOMETRY_KEYS', 'BUFFER_KEYS']
 
 #: Official constructor kwargs that affect the model (the ignored YAML extras are dropped).
 GRL_KWARGS = ('img_size', 'in_channels', 'out_channels', 'embed_dim', 'upscale', 'img_range', 'upsampler',
@@ -209,7 +212,8 @@ def _torch_load(path: Path, trust: bool, map_location: Any) -> Any:
     except _Refused as err:
         if not trust:
             raise CheckpointError(f'refusing to unpickle {err} (not a tensor, container or omegaconf type); '
-                                  'pass trust=True (grl-convert --trust) only if you trust this file') from None
+                                  'pass trust=True (grl-convert/grl-infer --trust, path.trust_checkpoint: true in '
+                                  'an option file) only if you trust this file') from None
     except Exception as err:
         with open(path, 'rb') as f:  # zip container or legacy pickle stream, but unreadable
             head = f.read(2)
@@ -217,6 +221,54 @@ def _torch_load(path: Path, trust: bool, map_location: Any) -> Any:
             'not a PyTorch checkpoint'
         raise CheckpointError(f'{kind} ({_one_line(err)})') from None
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def torch_load(path: str | Path, *, trust: bool = False, map_location: Any = 'cpu') -> Any:
+    """``torch.load`` for files that may come from anyone: ``weights_only=True``, then the restricted
+    reader (inert omegaconf stand-ins), a full unpickle only with ``trust=True``. A missing, empty,
+    truncated or refused file raises a one-line :class:`CheckpointError` naming it."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise CheckpointError('no such file')
+        if path.stat().st_size == 0:
+            raise CheckpointError('empty file')
+        return _torch_load(path, trust, map_location)
+    except CheckpointError as err:
+        raise CheckpointError(f'{path}: {err}') from None
+    except OSError as err:
+        raise CheckpointError(f'{path}: cannot read ({err.strerror or _one_line(err)})') from None
+
+
+def _shape(value: Any) -> str:
+    shape = getattr(value, 'shape', None)
+    return str(tuple(shape)) if shape is not None else f'a {type(value).__name__}'
+
+
+def fit_problems(expected: Mapping[str, Any], given: Mapping[str, Any], limit: int = 3) -> list:
+    """Why ``given`` (a loaded state dict) does not load strictly where ``expected`` (a network's
+    ``state_dict()``) is needed: ``['2 missing (a, b)', '1 unexpected (c)', '1 shape mismatch (d:
+    checkpoint (8, 3) vs network (16, 3))']``, at most ``limit`` keys each; empty if it fits."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f'{k}: checkpoint {_shape(given[k])} vs network {_shape(v)}' for k, v in expected.items()
+              if k in given and getattr(given[k], 'shape', None) != getattr(v, 'shape', None)]
+    return [f'{len(v)} {what if len(v) == 1 else what + "es" if what.endswith("ch") else what} '
+            f'({", ".join(v[:limit])}{", ..." if len(v) > limit else ""})'
+            for what, v in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)) if v]
+
+
+def check_fit(network: Any, state_dict: Mapping[str, Any], *, path: Optional[str | Path] = None,
+              what: Optional[str] = None) -> None:
+    """Raise a one-line :class:`CheckpointError` (``PATH: weights do not fit WHAT: ...``, see
+    :func:`fit_problems`) unless ``state_dict`` loads strictly into ``network`` (a module or a
+    state dict). Nothing is loaded."""
+    expected = network.state_dict() if hasattr(network, 'state_dict') else network
+    problems = fit_problems(expected, state_dict)
+    if problems:
+        what = what or (f'the network ({type(network).__name__})' if hasattr(network, 'state_dict') else 'the network')
+        raise CheckpointError(f'{f"{path}: " if path is not None else ""}weights do not fit {what}: '
+                              f'{"; ".join(problems)}')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from grl_plugin.archs.checkpoint import (GRL_KWARGS, CheckpointError, _one_line, load_checkpoint,
+from grl_plugin.archs.checkpoint import (GRL_KWARGS, CheckpointError, _one_line, check_fit, load_checkpoint,
                                          save_converted)
 
 
@@ -35,15 +35,7 @@ def _parse_set(items: Sequence[str]) -> dict:
 
 def _check_fit(model, sd: dict) -> None:
     """Raise a one-line CheckpointError describing why ``sd`` does not load strictly into ``model``."""
-    ref = model.state_dict()
-    missing = [k for k in ref if k not in sd]
-    unexpected = [k for k in sd if k not in ref]
-    shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(ref[k].shape)}' for k in ref
-              if k in sd and sd[k].shape != ref[k].shape]
-    problems = [f'{len(v)} {what} ({", ".join(v[:3])}{", ..." if len(v) > 3 else ""})'
-                for what, v in (('missing', missing), ('unexpected', unexpected), ('shape mismatches', shapes)) if v]
-    if problems:
-        raise CheckpointError(f'weights do not fit GRL(**kwargs): {"; ".join(problems)}')
+    check_fit(model, sd, what='GRL(**kwargs)')
     model.load_state_dict(sd, strict=True)
 
 
@@ -85,7 +77,10 @@ def convert(args: argparse.Namespace) -> str:
         model = GRL(**kwargs)
     except Exception as err:  # bad values from --set or the config
         raise CheckpointError(f'cannot build GRL from these kwargs ({_one_line(err)})') from None
-    _check_fit(model, sd)
+    try:
+        _check_fit(model, sd)
+    except CheckpointError as err:
+        raise CheckpointError(f'{args.src}: {err}') from None
     dst, yml = save_converted(sd, kwargs, args.dst)
     lines = [f'{args.src} -> {dst} (+ {yml.name})', f'  format: {kwargs.format}',
              f'  params: {sum(v.numel() for v in sd.values()):,} in {len(sd)} tensors', '  kwargs:']

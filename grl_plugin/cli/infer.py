@@ -84,6 +84,11 @@ def read_option_network(path: str) -> Tuple[dict, dict]:
     net = opt.get('network_g') if isinstance(opt, dict) else None
     if not isinstance(net, dict):
         raise InferError(f'--opt {path}: no network_g section')
+    from grl_plugin.cli.validate import validate_network_file  # unknown keys, geometry, val.tile
+    problems = validate_network_file(opt)
+    if problems:
+        more = f' (and {len(problems) - 1} more problem(s))' if len(problems) > 1 else ''
+        raise InferError(problems[0].format(path) + more)
     net = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in net.items()}
     kind = net.pop('type', 'GRL')
     if kind == 'GRL':

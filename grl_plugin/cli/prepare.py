@@ -1051,6 +1051,11 @@ def run(args: argparse.Namespace) -> int:
     train_yml, test_yml = osp.join(args.out, f'train_{name}.yml'), osp.join(args.out, f'test_{name}.yml')
     commands = next_commands(args, train_yml, test_yml, data)
     texts = {train_yml: train_options(args, geo, data, commands), test_yml: test_options(args, geo, data, commands)}
+    from grl_plugin.cli.validate import validate_option_text  # what grl-train / grl-test will check
+    for path, text in texts.items():
+        problems = validate_option_text(text, 'train' if path == train_yml else 'test')
+        if problems:
+            raise PrepareError(f'internal error: the option file would be invalid: {problems[0].format(path)}')
     for path, text in texts.items():
         with open(path, 'w', encoding='utf-8') as f:
             f.write(text)

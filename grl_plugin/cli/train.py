@@ -23,7 +23,12 @@ Our own flags (removed before basicsr parses ``sys.argv``):
 BasicSR's flags are passed through: ``-opt FILE`` (required), ``--launcher none|pytorch|slurm``,
 ``--auto_resume``, ``--debug``, ``--local_rank N``, ``--force_yml key:sub=value ...``.
 Errors in the command line or the option file: one line ``grl-train: error: ...`` on stderr,
-exit status 2.
+exit status 2; so are a checkpoint or training state that cannot be read or does not fit
+(``CheckpointError``) and an unreadable image or missing LMDB key (``DataError``).
+Before anything starts, the option file (with the ``--force_yml`` overrides) is checked by
+:mod:`grl_plugin.cli.validate` -- unknown keys (with the closest valid one), invalid GRL /
+dataset / tile combinations, missing files (``--dry-run`` lists missing files without failing)
+-- one line ``grl-train: error: FILE: KEY=VALUE: what`` per problem.
 """
 from __future__ import annotations
 
@@ -200,7 +205,7 @@ def run(mode: str, argv: Optional[Sequence[str]] = None) -> int:
                                pipeline='train_pipeline' if mode == 'train' else 'test_pipeline'))
             return 0
         parsed = parse_basicsr_args(rest)
-        check_option_file(parsed.opt, mode)
+        opt = check_option_file(parsed.opt, mode)
         _check_launcher(parsed.launcher)
         root = osp.abspath(osp.expanduser(root if root is not None else os.getcwd()))
         if osp.exists(root) and not osp.isdir(root):
@@ -214,6 +219,11 @@ def run(mode: str, argv: Optional[Sequence[str]] = None) -> int:
                 importlib.import_module(module)
             except ImportError as err:
                 raise UsageError(f'--import {module}: {_one_line(err)}') from None
+        from . import validate  # unknown keys, invalid combinations, missing files: one line each
+        problems = validate.validate_file(opt, mode, parsed.force_yml, paths=not dry_run,
+                                          auto_resume=parsed.auto_resume, prog=prog)
+        if problems:
+            return validate.report(prog, parsed.opt, problems)
     except UsageError as err:
         print(f'{prog}: error: {err}', file=sys.stderr)
         return 2
@@ -228,6 +238,8 @@ def run(mode: str, argv: Optional[Sequence[str]] = None) -> int:
         import basicsr.test
         pipeline = basicsr.test.test_pipeline
 
+    from grl_plugin.archs.checkpoint import CheckpointError
+    from grl_plugin.data.robust import DataError, error_line
     saved_argv = sys.argv
     sys.argv = [prog] + rest
     try:
@@ -235,6 +247,9 @@ def run(mode: str, argv: Optional[Sequence[str]] = None) -> int:
         compat.finish_distributed()
     except compat.CompatError as err:
         print(f'{prog}: error: {err}', file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError) as err:  # bad weights/state or data file: one line naming it
+        print(f'{prog}: error: {error_line(err)}', file=sys.stderr)
         return 2
     finally:
         sys.argv = saved_argv

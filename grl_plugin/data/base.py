@@ -6,6 +6,9 @@ GT images come from an LMDB (``io_backend: {type: lmdb}``, made with
 random position (zero-padded bottom/right when smaller than the patch, as the official data
 modules do) and augmented with the 8 dihedral transforms; the degradation is then applied by
 the subclass to the cropped patch.
+
+Unreadable samples raise :class:`~grl_plugin.data.robust.DataError` naming the file or the LMDB
+key and path; ``skip_corrupt: true`` skips them (see :mod:`grl_plugin.data.robust`).
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ from typing import List, Tuple
 
 import numpy as np
 from basicsr.data.transforms import augment
-from basicsr.utils import FileClient, imfrombytes, scandir
+from basicsr.utils import FileClient, scandir
 from torch.utils import data
+
+from .robust import get_item, read_image
 
 
 class GTImageDataset(data.Dataset):
@@ -24,8 +29,11 @@ class GTImageDataset(data.Dataset):
 
     Options: ``dataroot_gt``, ``io_backend``, ``meta_info_file`` (disk only, optional),
     ``color`` (True: RGB, False: gray, 1 channel), ``gt_size`` (train patch), ``use_hflip``,
-    ``use_rot`` (train augmentation), ``phase`` (set by BasicSR).
+    ``use_rot`` (train augmentation), ``phase`` (set by BasicSR), ``skip_corrupt`` (default False:
+    an unreadable GT raises ``DataError``; True: it is skipped with a warning, see :meth:`read_gt`).
     """
+
+    handles_skip_corrupt = True
 
     def __init__(self, opt: dict):
         super().__init__()
@@ -56,12 +64,17 @@ class GTImageDataset(data.Dataset):
         return len(self.paths)
 
     def read_gt(self, index: int) -> Tuple[np.ndarray, str]:
-        """GT as float32 HWC in [0, 1]: BGR as BasicSR reads it (C = 3), or gray (C = 1)."""
+        """(GT, its path or LMDB key): float32 HWC in [0, 1], BGR as BasicSR reads it (C = 3) or
+        gray (C = 1). An unreadable GT raises ``DataError`` naming it; with ``skip_corrupt`` the next
+        readable one is returned instead (use the returned path, not ``self.paths[index]``)."""
+        return get_item(self, index, self._read_gt)
+
+    def _read_gt(self, index: int) -> Tuple[np.ndarray, str]:
         if self.file_client is None:
-            self.file_client = FileClient(self.io_backend_opt.pop("type"), **self.io_backend_opt)
+            opt = dict(self.io_backend_opt)
+            self.file_client = FileClient(opt.pop("type"), **opt)
         path = self.paths[index]
-        img = imfrombytes(self.file_client.get(path, "gt"), flag="color" if self.color else "grayscale",
-                          float32=True)
+        img = read_image(self.file_client, path, "gt", flag="color" if self.color else "grayscale", float32=True)
         if img.ndim == 2:
             img = img[..., None]
         return img, path

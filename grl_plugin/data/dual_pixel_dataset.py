@@ -6,10 +6,11 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from basicsr.utils import FileClient, img2tensor, imfrombytes, scandir
+from basicsr.utils import FileClient, img2tensor, scandir
 from torch.utils import data
 
 from .base import check_gt_size, crop_and_augment_all, dataset_name
+from .robust import DataError, get_item, read_image
 
 _ROOTS = (("gt", "dataroot_gt"), ("lq_left", "dataroot_lq_left"), ("lq_right", "dataroot_lq_right"))
 
@@ -24,8 +25,11 @@ class DualPixelDataset(data.Dataset):
     the same random crop and dihedral transform for the three images); ``phase``. Images are
     matched across the three roots by file name without extension (LMDB keys). Returns ``lq``
     (6, H, W) and ``gt`` (3, H, W) RGB float tensors in [0, 1], ``lq_path`` (left view),
-    ``lq_right_path``, ``gt_path``.
+    ``lq_right_path``, ``gt_path``. ``skip_corrupt: true``: a sample with an unreadable image (or
+    views of different sizes) is skipped with a warning (:mod:`grl_plugin.data.robust`).
     """
+
+    handles_skip_corrupt = True
 
     def __init__(self, opt: dict):
         super().__init__()
@@ -86,19 +90,19 @@ class DualPixelDataset(data.Dataset):
         return len(self.items)
 
     def _read(self, path: str, client: str) -> np.ndarray:
-        buf = self.file_client.get(path, client)
-        if buf is None:
-            raise ValueError(f"{self.name}: {path!r} missing from the {client} LMDB")
-        return imfrombytes(buf, float32=True)
+        return read_image(self.file_client, path, client, float32=True)
 
     def __getitem__(self, index: int) -> dict:
+        return get_item(self, index, self._load, self.name)
+
+    def _load(self, index: int) -> dict:
         if self.file_client is None:
             opt = dict(self.io_backend_opt)
             self.file_client = FileClient(opt.pop("type"), **opt)
         paths = self.items[index]
         imgs = [self._read(p, client) for p, (client, _) in zip(paths, _ROOTS)]
         if any(im.shape != imgs[0].shape for im in imgs):
-            raise ValueError(f"{self.name}: sizes differ for {paths[0]!r}: {[im.shape for im in imgs]}")
+            raise DataError(f"{self.name}: sizes differ for {paths[0]!r}: {[im.shape for im in imgs]}")
         if self.opt.get("phase") == "train":
             imgs = crop_and_augment_all(imgs, self.opt["gt_size"], self.opt.get("use_hflip", True),
                                         self.opt.get("use_rot", True))

@@ -7,18 +7,41 @@ Option keys on top of SRModel's (all optional)::
       grad_clip: 0.5          # clip the global gradient norm (null: off)
       activation_checkpointing: true   # recompute GRL blocks in backward (less memory)
       compile: false          # torch.compile the network (or a dict of torch.compile kwargs)
+      nan_tolerance: 5        # stop after this many iterations in a row with a NaN/Inf loss (null: never)
     val:
       tile: {size: 256, overlap: 32, blend: linear}   # tiled validation/test (size 0: whole image)
       amp: none               # autocast during validation too
     path:
       pretrain_network_g: sr_grl_tiny_c3x4.ckpt      # official .ckpt, BasicSR .pth or .safetensors
+      trust_checkpoint: false # true: full (unsafe) unpickle of files the safe reader refuses
 
 Validation under ``--launcher pytorch`` splits the images over the ranks and all-reduces the
 metrics, so every rank takes part and none waits in a collective while rank 0 validates.
+
+Robustness (also in the Real-ESR models of :mod:`grl_plugin.models.realesrgan_model`):
+
+* **Non-finite losses.** When a loss term (or, with ``grad_clip`` and without fp16, the gradient
+  norm) is NaN/Inf, the iteration takes no optimizer step: gradients are zeroed, parameters,
+  optimizer states and EMA stay as they were, and a warning names the iteration and the bad
+  terms. After ``train.nan_tolerance`` such iterations in a row (default
+  :data:`DEFAULT_NAN_TOLERANCE` = 5; ``null``: never stop) training stops with
+  :class:`NonFiniteLossError` (``grl-train: error: ...``, exit status 2). No checkpoint is written
+  while such a streak lasts, so the newest checkpoint is the last good one. Under
+  ``--launcher pytorch`` the decision is all-reduced (every rank skips together).
+* **Crash safety / exact resume.** Checkpoints are written atomically
+  (:func:`grl_plugin.compat.atomic_save`). The training state also holds the RNG states
+  (python, numpy, torch, CUDA; one per rank), the position inside the epoch
+  (:func:`grl_plugin.compat.training_progress`) and the fp16 GradScaler; ``resume_training``
+  hands them to :func:`grl_plugin.compat.resume_progress`, so with a fixed ``manual_seed``,
+  ``num_worker_per_gpu: 0`` and ``prefetch_mode: null`` a run killed and resumed with
+  ``--auto_resume`` logs the same losses as a run never interrupted. Validation leaves the RNG
+  states as it found them (training randomness does not depend on ``val_freq``). States written
+  by BasicSR (no RNG/position) resume as BasicSR does (the epoch restarts).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os.path as osp
 import warnings
 from collections import OrderedDict
@@ -30,7 +53,8 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from tqdm import tqdm
 
-from ..archs.checkpoint import CheckpointWarning, load_checkpoint
+from .. import compat
+from ..archs.checkpoint import CheckpointWarning, check_fit, load_checkpoint
 from ..archs.grl_arch import GRL
 from ..tiling import tiled_forward
 
@@ -47,6 +71,24 @@ def _amp_dtype(value, device: torch.device, where: str):
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError(f"{where}: amp fp16 needs CUDA; use bf16 on {device.type}")
     return dtype
+
+
+#: Default of ``train.nan_tolerance``: iterations in a row with a non-finite loss before training stops.
+DEFAULT_NAN_TOLERANCE = 5
+
+
+class NonFiniteLossError(compat.CompatError):
+    """``train.nan_tolerance`` iterations in a row had a non-finite loss: training stopped
+    (one-line message; ``grl-train`` prints it as ``grl-train: error: ...``, exit status 2)."""
+
+
+def _nan_tolerance(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"train.nan_tolerance must be a positive integer (iterations in a row with a non-finite "
+                         f"loss before training stops) or null (never stop), got {value!r}")
+    return value
 
 
 class GRLModel(SRModel):
@@ -77,7 +119,8 @@ class GRLModel(SRModel):
             return super().load_network(net, load_path, strict, param_key)
         with warnings.catch_warnings():  # geometry not stored in the file: network_g gives it
             warnings.simplefilter("ignore", CheckpointWarning)
-            state_dict, kwargs = load_checkpoint(load_path, key=param_key)
+            state_dict, kwargs = load_checkpoint(load_path, key=param_key,  # path.trust_checkpoint: true
+                                                 trust=(self.opt.get("path") or {}).get("trust_checkpoint") is True)
         logger = get_root_logger()
         logger.info(f"Loading GRL weights from {load_path} ({kwargs.format}).")
         for name in ("window_size", "stripe_size", "stripe_groups", "anchor_window_down_factor"):
@@ -85,6 +128,8 @@ class GRLModel(SRModel):
                     list(_as_list(kwargs[name])) != list(_as_list(getattr(bare, name, None))):
                 logger.warning(f"  {name}: checkpoint was trained with {kwargs[name]!r}, network uses "
                                f"{getattr(bare, name, None)!r}")
+        if strict:  # one line naming the file and the first differing keys
+            check_fit(bare, state_dict, path=load_path, what="network_g (GRL)")
         self._print_different_keys_loading(net, state_dict, strict)
         bare.load_state_dict(state_dict, strict=strict)
 
@@ -94,6 +139,9 @@ class GRLModel(SRModel):
         self.amp_dtype = _amp_dtype(train_opt.get("amp"), self.device, "train.amp")
         self.grad_clip = train_opt.get("grad_clip")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.nan_tolerance = _nan_tolerance(train_opt.get("nan_tolerance", DEFAULT_NAN_TOLERANCE))
+        self.nonfinite_streak = 0  # iterations in a row with a non-finite loss
+        self.last_checkpoint_iter = None
         super().init_training_settings()
         if self.amp_dtype is not None:
             get_root_logger().info(f"Mixed precision training: {self.amp_dtype}.")
@@ -124,12 +172,18 @@ class GRLModel(SRModel):
                 loss_dict["l_style"] = l_style
         if self.scaler is not None:
             self.scaler.scale(l_total).backward()
-            self.scaler.unscale_(self.optimizer_g)
         else:
             l_total.backward()
+        if not self._all_finite([l_total, *loss_dict.values()]):
+            return self._skip_nonfinite_step(current_iter, loss_dict)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer_g)
         if self.grad_clip:
             loss_dict["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.net_g.parameters(),
                                                                    float(self.grad_clip)).detach()
+            # fp16: GradScaler skips steps with inf/NaN gradients itself (and lowers its scale)
+            if self.scaler is None and not self._all_finite([loss_dict["grad_norm"]]):
+                return self._skip_nonfinite_step(current_iter, loss_dict, "gradient norm")
         if self.scaler is not None:
             self.scaler.step(self.optimizer_g)
             self.scaler.update()
@@ -138,6 +192,114 @@ class GRLModel(SRModel):
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+        self.nonfinite_streak = 0
+
+    # ------------------------------------------------------------- non-finite losses
+    def _all_finite(self, values) -> bool:
+        """True if every tensor in ``values`` is finite -- on every rank (all-reduced under DDP)."""
+        flags = [torch.isfinite(v.detach()).all() for v in values if torch.is_tensor(v)]
+        ok = torch.stack(flags).all() if flags else torch.tensor(True)
+        if self.opt.get("dist") and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = ok.to(device=self.device if self.device.type == "cuda" else "cpu", dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = flag
+        return bool(ok.item())
+
+    def _skip_nonfinite_step(self, current_iter, loss_dict, what="loss"):
+        """No step on this iteration: zero the gradients, log, stop after ``nan_tolerance`` in a row."""
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        self.nonfinite_streak += 1
+        terms = ", ".join(f"{k}={v}" for k, v in self.log_dict.items() if not math.isfinite(v)) or "on another rank"
+        tolerance = self.nan_tolerance
+        get_root_logger().warning(
+            f"Iteration {current_iter}: non-finite {what} ({terms}): optimizer step skipped, gradients zeroed, "
+            f"no EMA update ({self.nonfinite_streak} in a row; train.nan_tolerance: {tolerance}).")
+        if tolerance is not None and self.nonfinite_streak >= tolerance:
+            last = (f"the newest checkpoint is iteration {self.last_checkpoint_iter} (resume it with --auto_resume "
+                    f"once the cause is fixed)" if self.last_checkpoint_iter is not None
+                    else "no checkpoint was saved by this run")
+            raise NonFiniteLossError(
+                f"iteration {current_iter}: {self.nonfinite_streak} iterations in a row with a non-finite {what} "
+                f"({terms}); training stopped (train.nan_tolerance: {tolerance}); nothing was saved from them, "
+                f"{last}")
+
+    # ------------------------------------------------ checkpoints, training state, resume
+    def save(self, epoch, current_iter):
+        """BasicSR's save, except while iterations with non-finite losses are being skipped: the
+        newest checkpoint stays the last good one."""
+        if current_iter != -1 and getattr(self, "nonfinite_streak", 0):
+            get_root_logger().warning(
+                f"Iteration {current_iter}: checkpoint not saved: the last {self.nonfinite_streak} iteration(s) had a "
+                f"non-finite loss (newest checkpoint: iteration {self.last_checkpoint_iter}).")
+            return
+        super().save(epoch, current_iter)
+        if current_iter != -1:
+            self.last_checkpoint_iter = current_iter
+
+    def _gather(self, obj):
+        """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` outside a process group)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            out = [None] * dist.get_world_size()
+            dist.all_gather_object(out, obj)
+            return out
+        return [obj]
+
+    def training_state(self, epoch, current_iter) -> dict:
+        """BasicSR's training state (epoch, iter, optimizers, schedulers) plus ``grad_scaler``
+        (fp16) and ``exact_resume``: per rank, the RNG states and the position in the epoch.
+        Called on every rank (the RNG states are gathered)."""
+        state = {"epoch": epoch, "iter": current_iter,
+                 "optimizers": [o.state_dict() for o in self.optimizers],
+                 "schedulers": [s.state_dict() for s in self.schedulers]}
+        if getattr(self, "scaler", None) is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        state["exact_resume"] = self._gather({"rng": compat.get_rng_state(), "progress": compat.training_progress()})
+        return state
+
+    def save_training_state(self, epoch, current_iter):
+        """Write ``training_states/<iter>.state`` atomically (rank 0) with :meth:`training_state`."""
+        if current_iter == -1:
+            return
+        state = self.training_state(epoch, current_iter)
+        if self._rank_world()[0] == 0:
+            compat.save_checkpoint_file(state, osp.join(self.opt["path"]["training_states"], f"{current_iter}.state"),
+                                        "training state")
+
+    def resume_training(self, resume_state):
+        """BasicSR's resume (optimizers, schedulers) plus the GradScaler, and the RNG states and
+        position in the epoch for the train prefetcher (:func:`grl_plugin.compat.resume_progress`)."""
+        super().resume_training(resume_state)
+        self.last_checkpoint_iter = resume_state.get("iter")
+        if resume_state.get("grad_scaler") is not None and getattr(self, "scaler", None) is not None:
+            self.scaler.load_state_dict(resume_state["grad_scaler"])
+        logger = get_root_logger()
+        entries = resume_state.get("exact_resume")
+        rank, world = self._rank_world()
+        if not entries:
+            logger.info("The training state holds no RNG states or position in the epoch (written by BasicSR): "
+                        "the epoch restarts from its first batch.")
+            return
+        if len(entries) != world:
+            logger.warning(f"The training state was written by {len(entries)} process(es), this run has {world}: "
+                           "RNG states not restored, the epoch restarts from its first batch.")
+            return
+        entry = entries[rank]
+        if entry.get("progress") is None:
+            logger.info("The training state holds no position in the epoch: the epoch restarts from its first batch.")
+            return
+        compat.resume_progress(entry["progress"], entry.get("rng"))
+
+    def validation(self, dataloader, current_iter, tb_logger, save_img=False):
+        """BasicSR's validation, leaving the RNG states as it found them (creating the validation
+        DataLoader iterator draws from torch's RNG): training randomness does not depend on when
+        validation runs, and a resumed run draws what an uninterrupted one draws."""
+        rng = compat.get_rng_state()
+        try:
+            super().validation(dataloader, current_iter, tb_logger, save_img)
+        finally:
+            compat.set_rng_state(rng)
 
     # ----------------------------------------------------------------------------- testing
     def _tile_options(self):

@@ -22,7 +22,13 @@ What they change in BasicSR's classes (``basicsr/models/realesr{gan,net}_model.p
   an official GAN-stage ``.ckpt``; ``train.amp`` (bf16 on CPU/CUDA, fp16 on CUDA), ``train.grad_clip``
   (generator), ``train.activation_checkpointing``, ``train.compile``, tiled validation
   (``val.tile``) and distributed validation; the synthetic degradation is switched off during
-  validation, as in BasicSR.
+  validation, as in BasicSR;
+* robustness (see :mod:`grl_plugin.models.grl_model`): atomic checkpoints, exact resume (the
+  training state also holds the training-pair pool ``queue_lr``/``queue_gt``, restored when the
+  run has as many processes -- about ``queue_size`` x (LQ + GT patch) float32, e.g. 150 MB for 180
+  GT patches of 256x256 -- because the pool is part of what the next batches are made of), and
+  ``train.nan_tolerance``: in :class:`GRLRealESRGANModel` a non-finite generator *or*
+  discriminator loss skips both optimizer steps and the EMA update.
 
 Option keys read at the top level of the option file (BasicSR reads most of them with
 ``opt[...]``, i.e. they are required; values of BasicSR's ``train_realesrgan_x4plus.yml``)::
@@ -130,6 +136,22 @@ class _DeviceDegradationMixin:
             self.queue_ptr = 0
         self._basicsr_model_class._dequeue_and_enqueue(self)
 
+    # the training-pair pool is part of the training state (exact resume)
+    def training_state(self, epoch, current_iter):
+        state = super().training_state(epoch, current_iter)
+        if hasattr(self, 'queue_lr') and self._rank_world()[1] == 1:
+            state['degradation_queue'] = {'lq': self.queue_lr.cpu(), 'gt': self.queue_gt.cpu(),
+                                          'ptr': int(self.queue_ptr)}
+        return state
+
+    def resume_training(self, resume_state):
+        super().resume_training(resume_state)
+        queue = resume_state.get('degradation_queue')
+        if queue is not None and self._rank_world()[1] == 1:
+            self.queue_lr = queue['lq'].to(self.device)
+            self.queue_gt = queue['gt'].to(self.device)
+            self.queue_ptr = int(queue['ptr'])
+
     # no synthetic degradation during validation (BasicSR does this in nondist_validation only)
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         was_train, self.is_train = self.is_train, False
@@ -199,17 +221,24 @@ class GRLRealESRGANModel(_DeviceDegradationMixin, GRLModel, RealESRGANModel):
         else:
             loss.backward()
 
-    def _step(self, optimizer, params, max_norm, loss_dict, key):
+    def _unscale_and_clip(self, optimizer, params, max_norm, loss_dict, key):
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         if max_norm:
             loss_dict[key] = torch.nn.utils.clip_grad_norm_(params, float(max_norm)).detach()
+            return loss_dict[key]
+        return None
+
+    def _step(self, optimizer):
         if self.scaler is not None:
             self.scaler.step(optimizer)
         else:
             optimizer.step()
 
     def optimize_parameters(self, current_iter):
+        """BasicSR's step (same computations in the same order), except that the generator's
+        optimizer step waits until the discriminator's losses are known: when any loss is
+        non-finite neither network is updated (see ``train.nan_tolerance``)."""
         opt = self.opt
         l1_gt = self.gt_usm if opt.get('l1_gt_usm', True) is not False else self.gt
         percep_gt = self.gt_usm if opt.get('percep_gt_usm', True) is not False else self.gt
@@ -228,7 +257,8 @@ class GRLRealESRGANModel(_DeviceDegradationMixin, GRLModel, RealESRGANModel):
 
         l_g_total = 0
         loss_dict = OrderedDict()
-        if current_iter % self.net_d_iters == 0 and current_iter > self.net_d_init_iters:
+        step_g = current_iter % self.net_d_iters == 0 and current_iter > self.net_d_init_iters
+        if step_g:
             if self.cri_pix:
                 l_g_pix = self.cri_pix(output, l1_gt)
                 l_g_total += l_g_pix
@@ -252,8 +282,7 @@ class GRLRealESRGANModel(_DeviceDegradationMixin, GRLModel, RealESRGANModel):
             l_g_total += l_g_gan
             loss_dict['l_g_gan'] = l_g_gan
 
-            self._backward(l_g_total)
-            self._step(self.optimizer_g, self.net_g.parameters(), self.grad_clip, loss_dict, 'grad_norm')
+            self._backward(l_g_total)  # the step comes after the discriminator's losses
 
         # -------------------------------------------------------------- discriminator
         for p in self.net_d.parameters():
@@ -271,10 +300,26 @@ class GRLRealESRGANModel(_DeviceDegradationMixin, GRLModel, RealESRGANModel):
         loss_dict['l_d_fake'] = l_d_fake
         loss_dict['out_d_fake'] = torch.mean(fake_d_pred.detach().float())
         self._backward(l_d_fake)
-        self._step(self.optimizer_d, self.net_d.parameters(), self.grad_clip_d, loss_dict, 'grad_norm_d')
+
+        # ------------------------------------------------------------------ steps
+        if not self._all_finite([l_g_total, *loss_dict.values()]):
+            return self._skip_nonfinite_step(current_iter, loss_dict)
+        norms = []
+        if step_g:
+            norms.append(self._unscale_and_clip(self.optimizer_g, self.net_g.parameters(), self.grad_clip,
+                                                loss_dict, 'grad_norm'))
+        norms.append(self._unscale_and_clip(self.optimizer_d, self.net_d.parameters(), self.grad_clip_d,
+                                            loss_dict, 'grad_norm_d'))
+        # fp16: GradScaler skips steps with inf/NaN gradients itself (and lowers its scale)
+        if self.scaler is None and not self._all_finite(norms):
+            return self._skip_nonfinite_step(current_iter, loss_dict, 'gradient norm')
+        if step_g:
+            self._step(self.optimizer_g)
+        self._step(self.optimizer_d)
         if self.scaler is not None:
             self.scaler.update()
 
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
         self.log_dict = self.reduce_loss_dict(loss_dict)
+        self.nonfinite_streak = 0

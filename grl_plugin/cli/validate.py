@@ -1,0 +1,691 @@
+"""Option-file validation for the GRL command-line tools, before any work starts.
+
+``grl-train``, ``grl-test`` (also with ``--dry-run``), ``grl-infer --opt`` / ``grl-export --opt``
+and ``grl-prepare`` (the option files it writes) call into this module. It reports, one
+:class:`Problem` each:
+
+* unknown keys -- in a GRL ``network_g`` (``type: GRL`` or a preset such as ``GRL_T``; the
+  constructor signature of :class:`grl_plugin.archs.GRL` is the source of truth, so the official
+  no-op keys it accepts stay valid), in the options of the datasets of the plugin and of BasicSR
+  (the keys their code reads, found by reading their source, plus the data loader's keys) and in
+  ``val.tile`` -- with the closest valid key (:mod:`difflib`);
+* names that are not registered (``model_type``, ``network_*.type``, ``datasets.*.type``, loss
+  and metric types) and values outside a fixed set of choices (``upsampler``, ``conv_type``, ...);
+* combinations the network cannot run: stripe sizes not divisible by
+  ``anchor_window_down_factor``; a stripe axis with neither a size nor a group count; head counts
+  that do not divide the ``embed_dim / 2`` channels of their attention half (window or stripe);
+  stage lists of different lengths; an ``upscale`` the reconstruction head cannot produce or that
+  differs from the option file's ``scale``; ``in_channels`` / ``out_channels`` that do not match
+  what the datasets deliver (gray noise/JPEG data: 1 channel, dual-pixel input: 6);
+  ``val.tile.size`` smaller than the network's padding size, or an overlap that does not fit;
+* missing files: dataset roots (``dataroot_*``), ``meta_info_file`` / ``meta_info`` (folder
+  backends), ``path.pretrain_network_*``, ``path.resume_state``, ``vgg_weights`` of losses.
+
+Every problem is printed as one line ``<prog>: error: <file>: <dotted.key>=<value>: <what>``.
+Nothing here builds a network or reads a dataset; everything BasicSR checks itself is left to it.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import inspect
+import os.path as osp
+import sys
+import textwrap
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple
+
+#: Problem kinds: ``'option'`` (a key or value of the file), ``'path'`` (a file that is missing).
+OPTION, PATH = 'option', 'path'
+
+#: Dataset keys that BasicSR itself sets or reads for every dataset (``parse_options``,
+#: ``build_dataloader``, ``train_pipeline``) besides the keys the dataset class reads; ``gt_size``
+#: is the conventional patch size (BasicSR's Real-ESRGAN files set it; ``--dry-run`` prints it).
+COMMON_DATASET_KEYS = frozenset({
+    'name', 'type', 'phase', 'scale', 'batch_size_per_gpu', 'num_worker_per_gpu', 'use_shuffle',
+    'dataset_enlarge_ratio', 'prefetch_mode', 'num_prefetch_queue', 'pin_memory', 'persistent_workers',
+    'gt_size', 'skip_corrupt'})  # skip_corrupt: grl_plugin.data.robust (compat.fix_skip_corrupt for basicsr's)
+
+#: Keys of ``val.tile`` (:meth:`grl_plugin.models.GRLModel.test`).
+TILE_KEYS = ('size', 'overlap', 'blend')
+
+#: ``vgg_weights`` values that do not name a file (:class:`grl_plugin.losses.GRLPerceptualLoss`).
+_NO_FILE = ('random', 'none', 'null', '~', '')
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an option file: the dotted ``key``, its ``value`` and what is wrong."""
+
+    key: str
+    value: Any
+    message: str
+    kind: str = OPTION
+
+    def format(self, source: str) -> str:
+        """``<source>: <key>=<value>: <message>`` on one line."""
+        text = f'{source}: {self.key}={format_value(self.value)}: {self.message}'
+        return ' '.join(text.split())
+
+
+# ------------------------------------------------------------------------------------ helpers
+def format_value(value: Any, limit: int = 80) -> str:
+    """A short YAML-like rendering of an option value (``null``, ``true``, ``[8, 8]``, ``'a b'``);
+    lists and mappings longer than ``limit`` characters are cut, strings (paths) never."""
+    if value is None:
+        text = 'null'
+    elif isinstance(value, bool):
+        text = 'true' if value else 'false'
+    elif isinstance(value, str):
+        plain = value and value.strip() == value and not any(c in value for c in ' :#,[]{}\'"')
+        return value if plain else repr(value)
+    elif isinstance(value, Mapping):
+        text = '{' + ', '.join(f'{k}: {format_value(v, limit)}' for k, v in value.items()) + '}'
+    elif isinstance(value, (list, tuple)):
+        text = '[' + ', '.join(format_value(v, limit) for v in value) + ']'
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def closest(name: str, choices: Iterable[str]) -> Optional[str]:
+    """The choice closest to ``name`` (:func:`difflib.get_close_matches`), or None."""
+    choices = [str(c) for c in choices]
+    match = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
+    if not match:  # case slips (GRL_t, pixelShuffle) score low on raw characters
+        lower = {c.lower(): c for c in choices}
+        match = [lower[m] for m in difflib.get_close_matches(str(name).lower(), list(lower), n=1, cutoff=0.6)]
+    return match[0] if match else None
+
+
+def _did_you_mean(name: Any, choices: Iterable[str]) -> str:
+    best = closest(str(name), choices)
+    return f" (did you mean '{best}'?)" if best is not None else ''
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_pos_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _plain(obj: Any) -> Any:
+    """OrderedDicts -> dicts, tuples -> lists (recursively)."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _in_registry(registry, name: Any) -> bool:
+    """BasicSR's ``Registry.get`` also finds ``<name>_basicsr``."""
+    return isinstance(name, str) and (name in registry or f'{name}_basicsr' in registry)
+
+
+# ------------------------------------------------------------------------------------ network
+@lru_cache(maxsize=None)
+def grl_signature() -> Tuple[Tuple[str, ...], Dict[str, Any]]:
+    """(keyword names, defaults) of :class:`grl_plugin.archs.GRL` -- the keys ``network_g`` may use."""
+    from grl_plugin.archs.grl_arch import GRL
+    params = [p for p in inspect.signature(GRL.__init__).parameters.values()
+              if p.name != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return tuple(p.name for p in params), defaults
+
+
+def grl_types() -> Dict[str, Optional[Dict[str, Any]]]:
+    """``network_g.type`` names built by GRL: ``'GRL'`` -> None, preset name -> its kwargs."""
+    from grl_plugin.archs.presets import PRESET_KWARGS
+    out: Dict[str, Optional[Dict[str, Any]]] = {'GRL': None}
+    out.update({name: dict(kwargs) for name, kwargs in PRESET_KWARGS.items()})
+    return out
+
+
+def network_kwargs(net_opt: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The kwargs GRL is built with for ``net_opt`` (class defaults < preset < given), or None
+    when ``net_opt`` is not a GRL network. Unknown keys are left in (see :func:`check_network`)."""
+    if not isinstance(net_opt, Mapping):
+        return None
+    kind = net_opt.get('type', 'GRL')
+    types = grl_types()
+    if not isinstance(kind, str) or kind not in types:
+        return None
+    _, defaults = grl_signature()
+    kwargs = dict(copy.deepcopy(defaults))
+    kwargs.update(copy.deepcopy(types[kind] or {}))
+    kwargs.update({k: _plain(v) for k, v in net_opt.items() if k != 'type'})
+    return kwargs
+
+
+def pad_size(kwargs: Mapping[str, Any]) -> Optional[int]:
+    """The padding multiple of a GRL built with ``kwargs`` (None if the geometry is invalid)."""
+    from grl_plugin.layers.geometry import pad_multiple
+    try:
+        return int(pad_multiple(int(kwargs['window_size']), list(kwargs['stripe_size']),
+                                list(kwargs['stripe_groups']), int(kwargs['anchor_window_down_factor'])))
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def _choices_problems(prefix: str, given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> List[Problem]:
+    from grl_plugin.archs.grl_arch import UPSAMPLERS
+    from grl_plugin.layers.attention import ATTN_IMPLS
+    from grl_plugin.layers.block import CONV_TYPES
+    from grl_plugin.layers.stripe_attn import ANCHOR_PROJ_TYPES
+    choices = {'upsampler': UPSAMPLERS, 'conv_type': CONV_TYPES, 'anchor_proj_type': ANCHOR_PROJ_TYPES,
+               'attn_impl': ATTN_IMPLS, 'qkv_proj_type': ('linear',)}
+    out = []
+    for key, allowed in choices.items():
+        value = kwargs.get(key)
+        if key in kwargs and value not in allowed:
+            shown = ', '.join(repr(a) for a in allowed)
+            hint = _did_you_mean(value, [a for a in allowed if a]) if isinstance(value, str) else ''
+            out.append(Problem(f'{prefix}.{key}', value, f'must be one of {shown}{hint}'))
+    if kwargs.get('euclidean_dist'):
+        out.append(Problem(f'{prefix}.euclidean_dist', kwargs['euclidean_dist'],
+                           'not supported (no official configuration uses it); remove it or set false'))
+    return out
+
+
+def _blame(prefix: str, given: Mapping[str, Any], *keys: str) -> str:
+    """The dotted key to name for a problem involving ``keys``: the first one the file sets."""
+    for key in keys:
+        if key in given:
+            return f'{prefix}.{key}'
+    return f'{prefix}.{keys[0]}'
+
+
+def _stage_problems(prefix: str, given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> List[Problem]:
+    """Stage lists, embed_dim and the head counts of the window / stripe halves."""
+    out = []
+    dim = kwargs.get('embed_dim')
+    if not _is_pos_int(dim):
+        return [Problem(f'{prefix}.embed_dim', dim, 'must be a positive integer')]
+    lists = {}
+    for key in ('depths', 'num_heads_window', 'num_heads_stripe'):
+        value = kwargs.get(key)
+        if not isinstance(value, (list, tuple)) or not value or not all(_is_pos_int(v) for v in value):
+            out.append(Problem(f'{prefix}.{key}', value, 'must be a list of positive integers, one per stage'))
+        else:
+            lists[key] = list(value)
+    if out:
+        return out
+    n = len(lists['depths'])
+    for key in ('num_heads_window', 'num_heads_stripe'):
+        if len(lists[key]) != n:
+            out.append(Problem(f'{prefix}.{key}', lists[key],
+                               f'has {len(lists[key])} entries but depths {lists["depths"]} has {n} stages'))
+    if dim % 2:
+        out.append(Problem(f'{prefix}.embed_dim', dim, 'must be even: half of the channels go to window '
+                                                       'attention, half to stripe attention'))
+        return out
+    half = dim // 2
+    for key, what in (('num_heads_window', 'window'), ('num_heads_stripe', 'stripe')):
+        bad = [(i, h) for i, h in enumerate(lists[key]) if half % h]
+        if bad:
+            i, h = bad[0]
+            ok = [d for d in range(1, half + 1) if half % d == 0]
+            blamed = _blame(prefix, given, key, 'embed_dim')
+            out.append(Problem(blamed, kwargs[blamed.rsplit('.', 1)[1]],
+                               f'{h} heads (stage {i}) do not divide the {half} channels of the {what} '
+                               f'attention half (embed_dim {dim} / 2); head counts that fit: '
+                               f'{", ".join(map(str, ok[:12]))}{", ..." if len(ok) > 12 else ""}'))
+    return out
+
+
+def _geometry_problems(prefix: str, given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> List[Problem]:
+    """Window / stripe sizes, stripe groups and the anchor down-factor."""
+    out = []
+    df, ws = kwargs.get('anchor_window_down_factor'), kwargs.get('window_size')
+    if not _is_pos_int(df):
+        out.append(Problem(f'{prefix}.anchor_window_down_factor', df, 'must be a positive integer'))
+    if not _is_pos_int(ws):
+        out.append(Problem(f'{prefix}.window_size', ws, 'must be a positive integer (a square window side)'))
+    pairs = {}
+    for key in ('stripe_size', 'stripe_groups'):
+        value = kwargs.get(key)
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(v is None or _is_pos_int(v) for v in value)):
+            out.append(Problem(f'{prefix}.{key}', value, 'must be a list of two positive integers or nulls '
+                                                         '([height, width])'))
+        else:
+            pairs[key] = list(value)
+    if out:
+        return out
+    sizes, groups = pairs['stripe_size'], pairs['stripe_groups']
+    for axis, (s, g) in enumerate(zip(sizes, groups)):
+        if s is None and g is None:
+            blamed = _blame(prefix, given, 'stripe_size', 'stripe_groups')
+            out.append(Problem(blamed, pairs[blamed.rsplit('.', 1)[1]],
+                               f'axis {axis} has neither a stripe size nor a stripe group count '
+                               f'(stripe_size {sizes}, stripe_groups {groups})'))
+    bad = [s for s, g in zip(sizes, groups) if s is not None and g is None and s % df]
+    if bad:
+        blamed = _blame(prefix, given, 'stripe_size', 'anchor_window_down_factor')
+        out.append(Problem(blamed, kwargs[blamed.rsplit('.', 1)[1]],
+                           f'stripe size {bad[0]} is not divisible by anchor_window_down_factor {df} '
+                           f'(anchors pool {df}x{df} pixels of each stripe)'))
+    return out
+
+
+def _upscale_problems(prefix: str, given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> List[Problem]:
+    up, upsampler = kwargs.get('upscale'), kwargs.get('upsampler')
+    key = f'{prefix}.upscale'
+    if not _is_pos_int(up):
+        return [Problem(key, up, 'must be a positive integer')]
+    if upsampler == 'pixelshuffle' and not (up == 3 or (up > 1 and up & (up - 1) == 0)):
+        return [Problem(key, up, "upsampler 'pixelshuffle' supports upscale 2, 3, 4, 8, ... (powers of 2, or 3); "
+                                 "use 'pixelshuffledirect' for other factors")]
+    if upsampler == 'nearest+conv' and up != 4:
+        return [Problem(key, up, "upsampler 'nearest+conv' supports upscale 4 only")]
+    if upsampler == '' and up != 1:
+        return [Problem(key, up, "upsampler '' (no upsampling: denoising, JPEG, demosaicking, deblurring) needs "
+                                 "upscale 1; set an upsampler for super-resolution")]
+    return []
+
+
+def check_network(net_opt: Any, prefix: str = 'network_g', shape_keys: bool = True) -> List[Problem]:
+    """Problems of a GRL ``network_g`` block (nothing for other architectures).
+
+    ``shape_keys=False`` skips what the weights decide anyway (stage lists, heads, channels,
+    upscale; ``grl-infer`` takes those from the checkpoint).
+    """
+    if not isinstance(net_opt, Mapping):
+        return [Problem(prefix, net_opt, 'must be a mapping of network options')]
+    kwargs = network_kwargs(net_opt)
+    if kwargs is None:
+        return []
+    given = {k: v for k, v in net_opt.items() if k != 'type'}
+    names, _ = grl_signature()
+    out = [Problem(f'{prefix}.{k}', v, f'unknown key for {net_opt.get("type", "GRL")}{_did_you_mean(k, names)}')
+           for k, v in given.items() if k not in names]
+    out += _choices_problems(prefix, given, kwargs)
+    out += _geometry_problems(prefix, given, kwargs)
+    if shape_keys:
+        out += _stage_problems(prefix, given, kwargs)
+        out += _upscale_problems(prefix, given, kwargs)
+        for key in ('in_channels',):
+            if not _is_pos_int(kwargs.get(key)):
+                out.append(Problem(f'{prefix}.{key}', kwargs.get(key), 'must be a positive integer'))
+        if kwargs.get('out_channels') is not None and not _is_pos_int(kwargs['out_channels']):
+            out.append(Problem(f'{prefix}.out_channels', kwargs['out_channels'], 'must be a positive integer or null'))
+    return out
+
+
+# ------------------------------------------------------------------------------------ datasets
+def _reads_opt(node: ast.AST) -> bool:
+    """``opt``, ``dataset_opt`` or ``<anything>.opt``: the names dataset code reads options from."""
+    return ((isinstance(node, ast.Name) and node.id in ('opt', 'dataset_opt'))
+            or (isinstance(node, ast.Attribute) and node.attr == 'opt'))
+
+
+def _str_const(node: Optional[ast.AST]) -> Optional[str]:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+@lru_cache(maxsize=256)
+def option_keys_in_source(source: str) -> FrozenSet[str]:
+    """Option keys Python ``source`` reads: ``opt['k']``, ``opt.get('k')``, ``'k' in opt`` (also on
+    ``self.opt`` / ``dataset_opt``), plus every string constant ``dataroot_*``."""
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+    except (SyntaxError, ValueError):
+        return frozenset()
+    keys = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and _reads_opt(node.value):
+            key = _str_const(node.slice)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ('get', 'pop', 'setdefault') and _reads_opt(node.func.value) and node.args):
+            key = _str_const(node.args[0])
+        elif (isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn))
+              and _reads_opt(node.comparators[0])):
+            key = _str_const(node.left)
+        else:
+            key = _str_const(node)
+            key = key if key and key.startswith('dataroot_') and key.isidentifier() else None
+        if key:
+            keys.add(key)
+    return frozenset(keys)
+
+
+def _source(obj: Any) -> str:
+    """Source text of a module, class or function ('' when unavailable)."""
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ''
+
+
+#: Packages whose dataset classes have their keys derived from their source.
+_DATA_PACKAGES = ('grl_plugin.data', 'basicsr.data')
+
+
+def _dataset_sources(cls: type) -> List[str]:
+    """Source texts where a dataset's option keys are read: the modules of ``cls`` and of its
+    bases in :data:`_DATA_PACKAGES`, and the helper functions those modules import from these
+    packages (e.g. ``check_gt_size`` from ``grl_plugin.data.base``)."""
+    sources = {}
+    for klass in inspect.getmro(cls):
+        if not klass.__module__.startswith(_DATA_PACKAGES):
+            continue
+        module = sys.modules.get(klass.__module__)
+        if module is None:
+            continue
+        sources[module.__name__] = _source(module)
+        for value in vars(module).values():
+            where = str(getattr(value, '__module__', ''))
+            if inspect.isfunction(value) and where.startswith(_DATA_PACKAGES) and where != module.__name__:
+                sources[f'{where}.{value.__name__}'] = _source(value)
+    return [text for text in sources.values() if text]
+
+
+def dataset_known_keys(type_name: Any) -> Optional[FrozenSet[str]]:
+    """Every key a dataset of ``type_name`` may have, or None when it cannot be derived (not
+    registered, or a class defined outside ``grl_plugin.data`` / ``basicsr.data``, e.g. a user's
+    subclass that reads keys of its own)."""
+    from basicsr.utils.registry import DATASET_REGISTRY
+    if not _in_registry(DATASET_REGISTRY, type_name):
+        return None
+    cls = DATASET_REGISTRY.get(type_name if type_name in DATASET_REGISTRY else f'{type_name}_basicsr')
+    if not inspect.isclass(cls) or not cls.__module__.startswith(_DATA_PACKAGES):
+        return None
+    import basicsr.data
+    keys = set(COMMON_DATASET_KEYS) | set(option_keys_in_source(_source(basicsr.data)))
+    for text in _dataset_sources(cls):
+        keys |= option_keys_in_source(text)
+    return frozenset(keys)
+
+
+def dataset_channels(ds_opt: Mapping[str, Any]) -> Optional[Tuple[int, Optional[int], str]]:
+    """(input channels, GT channels or None, why) of the samples a dataset delivers, or None
+    when unknown."""
+    kind = ds_opt.get('type')
+    if kind in ('GaussianNoiseDataset', 'JPEGDataset'):
+        color = ds_opt.get('color', True)
+        n = 3 if color else 1
+        return n, n, f'color: {format_value(color)}'
+    if kind == 'DemosaicDataset':
+        return 3, 3, 'interpolated RGB mosaic'
+    if kind == 'DualPixelDataset':
+        return 6, 3, 'left + right views'
+    if kind in ('PairedImageDataset', 'SingleImageDataset'):
+        y = ds_opt.get('color') == 'y'
+        n = 1 if y else 3
+        return n, (None if kind == 'SingleImageDataset' else n), 'color: y' if y else 'RGB images'
+    if kind == 'RealESRGANDataset':
+        return 3, 3, 'RGB images'
+    return None
+
+
+def check_datasets(opt: Mapping[str, Any]) -> List[Problem]:
+    """Dataset types and keys (unknown keys with the closest known one)."""
+    from basicsr.utils.registry import DATASET_REGISTRY
+    datasets = opt.get('datasets')
+    if datasets is None:
+        return []
+    if not isinstance(datasets, Mapping):
+        return [Problem('datasets', datasets, 'must be a mapping of phase -> dataset options')]
+    out = []
+    for phase, ds in datasets.items():
+        prefix = f'datasets.{phase}'
+        if not isinstance(ds, Mapping):
+            out.append(Problem(prefix, ds, 'must be a mapping of dataset options'))
+            continue
+        kind = ds.get('type')
+        if kind is None:
+            continue  # BasicSR reports it
+        if not _in_registry(DATASET_REGISTRY, kind):
+            out.append(Problem(f'{prefix}.type', kind, 'not a registered dataset'
+                                                       f'{_did_you_mean(kind, DATASET_REGISTRY.keys())}'))
+            continue
+        known = dataset_known_keys(kind)
+        if known is None:
+            continue
+        out += [Problem(f'{prefix}.{k}', v, f'unknown key for {kind}{_did_you_mean(k, known)}')
+                for k, v in ds.items() if k not in known]
+    return out
+
+
+# ------------------------------------------------------------------------------ combinations
+def check_registered(opt: Mapping[str, Any]) -> List[Problem]:
+    """``model_type``, ``network_*.type``, loss and metric types name registered components."""
+    from basicsr.utils.registry import ARCH_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
+    out = []
+
+    def check(key: str, value: Any, registry, what: str) -> None:
+        if value is not None and not _in_registry(registry, value):
+            out.append(Problem(key, value, f'not a registered {what}{_did_you_mean(value, registry.keys())}'))
+
+    check('model_type', opt.get('model_type'), MODEL_REGISTRY, 'model')
+    for key, value in opt.items():
+        if isinstance(key, str) and key.startswith('network_') and isinstance(value, Mapping):
+            check(f'{key}.type', value.get('type'), ARCH_REGISTRY, 'architecture')
+    train = opt.get('train')
+    for key, value in (train.items() if isinstance(train, Mapping) else ()):
+        if isinstance(key, str) and key.endswith('_opt') and isinstance(value, Mapping):
+            check(f'train.{key}.type', value.get('type'), LOSS_REGISTRY, 'loss')
+    val = opt.get('val')
+    metrics = val.get('metrics') if isinstance(val, Mapping) else None
+    for key, value in (metrics.items() if isinstance(metrics, Mapping) else ()):
+        if isinstance(value, Mapping):
+            check(f'val.metrics.{key}.type', value.get('type'), METRIC_REGISTRY, 'metric')
+    return out
+
+
+def check_scale(opt: Mapping[str, Any], kwargs: Mapping[str, Any]) -> List[Problem]:
+    """The option file's ``scale`` (data, metrics, tiling) equals ``network_g.upscale``."""
+    scale, up = opt.get('scale'), kwargs.get('upscale')
+    if scale is None or not _is_pos_int(up) or scale == up:
+        return []
+    return [Problem('network_g.upscale', up, f'differs from the option file\'s scale {format_value(scale)} '
+                                             '(the data and the metrics use scale; they must be equal)')]
+
+
+def check_channels(opt: Mapping[str, Any], kwargs: Mapping[str, Any]) -> List[Problem]:
+    """``in_channels`` / ``out_channels`` match the channels every dataset delivers."""
+    datasets = opt.get('datasets')
+    if not isinstance(datasets, Mapping):
+        return []
+    cin = kwargs.get('in_channels')
+    cout = kwargs.get('out_channels') or cin
+    if not _is_pos_int(cin) or not _is_pos_int(cout):
+        return []
+    for phase, ds in datasets.items():
+        info = dataset_channels(ds) if isinstance(ds, Mapping) else None
+        if info is None:
+            continue
+        lq, gt, why = info
+        where = f'datasets.{phase} ({ds.get("type")}, {why})'
+        if lq != cin:
+            return [Problem('network_g.in_channels', cin, f'{where} gives {lq}-channel inputs')]
+        if gt is not None and gt != cout:
+            key = 'network_g.out_channels'
+            return [Problem(key, kwargs.get('out_channels'),
+                            f'the network outputs {cout} channels but {where} has {gt}-channel ground truth')]
+    return []
+
+
+def check_tile(opt: Mapping[str, Any], kwargs: Optional[Mapping[str, Any]]) -> List[Problem]:
+    """``val.tile`` keys, blend, and size / overlap against the network's padding size."""
+    from grl_plugin.tiling import BLENDS
+    val = opt.get('val')
+    tile = val.get('tile') if isinstance(val, Mapping) else None
+    if tile is None:
+        return []
+    if _is_int(tile):
+        tile = {'size': tile}
+    if not isinstance(tile, Mapping):
+        return [Problem('val.tile', tile, 'must be a tile size or a mapping {size, overlap, blend}')]
+    out = [Problem(f'val.tile.{k}', v, f'unknown key{_did_you_mean(k, TILE_KEYS)}')
+           for k, v in tile.items() if k not in TILE_KEYS]
+    blend = tile.get('blend', 'linear')
+    if blend not in BLENDS:
+        out.append(Problem('val.tile.blend', blend, f'must be one of {", ".join(map(repr, BLENDS))}'
+                                                    f'{_did_you_mean(blend, BLENDS)}'))
+    size, overlap = tile.get('size'), tile.get('overlap', 0)
+    if size is None or size == 0:
+        return out
+    if not _is_int(size) or size < 0:
+        return out + [Problem('val.tile.size', size, 'must be a non-negative integer (0: whole images)')]
+    pad = pad_size(kwargs) if kwargs is not None else None
+    if pad is not None and size < pad:
+        out.append(Problem('val.tile.size', size, f"smaller than the network's padding size {pad} (tiles are "
+                                                  f'multiples of it): use 0 for whole images or a size >= {pad}'))
+        return out
+    tile_px = -(-size // pad) * pad if pad else size
+    if not _is_int(overlap) or not 0 <= overlap < tile_px:
+        out.append(Problem('val.tile.overlap', overlap, f'must be an integer in [0, {tile_px}) (the tile is '
+                                                        f'{tile_px} pixels)'))
+    return out
+
+
+# ------------------------------------------------------------------------------------- paths
+def _expand(path: str) -> str:
+    return osp.expandvars(osp.expanduser(path))
+
+
+def check_paths(opt: Mapping[str, Any], mode: str = 'train', auto_resume: bool = False) -> List[Problem]:
+    """Files and folders the run will open: dataset roots and file lists, weights, states."""
+    out = []
+    datasets = opt.get('datasets')
+    for phase, ds in (datasets.items() if isinstance(datasets, Mapping) else ()):
+        if not isinstance(ds, Mapping):
+            continue
+        backend = ds.get('io_backend')
+        lmdb = isinstance(backend, Mapping) and backend.get('type') == 'lmdb'
+        for key, value in ds.items():
+            if not isinstance(value, str) or not value:
+                continue
+            if str(key).startswith('dataroot') and not osp.exists(_expand(value)):
+                out.append(Problem(f'datasets.{phase}.{key}', value, 'no such file or directory', PATH))
+            elif key in ('meta_info_file', 'meta_info') and not lmdb and not osp.isfile(_expand(value)):
+                out.append(Problem(f'datasets.{phase}.{key}', value, 'no such file', PATH))
+    path_opt = opt.get('path')
+    path_opt = path_opt if isinstance(path_opt, Mapping) else {}
+    resume = path_opt.get('resume_state')
+    resuming = auto_resume or bool(resume)
+    for key, value in path_opt.items():
+        if not isinstance(value, str) or not value:
+            continue
+        if (key == 'resume_state' and not auto_resume) or (str(key).startswith('pretrain_network') and not resuming):
+            if not osp.isfile(_expand(value)):
+                what = 'is a directory, not a file' if osp.isdir(_expand(value)) else 'no such file'
+                out.append(Problem(f'path.{key}', value, what, PATH))
+    train = opt.get('train')
+    for key, loss in (train.items() if mode == 'train' and isinstance(train, Mapping) else ()):
+        vgg = loss.get('vgg_weights') if isinstance(loss, Mapping) else None
+        if isinstance(vgg, str) and vgg.strip().lower() not in _NO_FILE and not osp.isfile(_expand(vgg)):
+            out.append(Problem(f'train.{key}.vgg_weights', vgg, "no such file (torchvision's vgg19-dcbb9e9d.pth; "
+                                                               "'random' for tests)", PATH))
+    return out
+
+
+# ------------------------------------------------------------------------------ entry points
+def apply_force_yml(opt: Mapping[str, Any], entries: Optional[Sequence[str]]) -> Tuple[dict, List[Problem]]:
+    """A copy of ``opt`` with BasicSR's ``--force_yml key:sub=value`` overrides applied (same value
+    parsing), and the problems of entries whose section does not exist."""
+    out = copy.deepcopy(dict(opt))
+    problems: List[Problem] = []
+    if not entries:
+        return out, problems
+    from basicsr.utils.options import _postprocess_yml_value
+    for entry in entries:
+        keys, _, value = entry.partition('=')
+        path = [k.strip() for k in keys.strip().split(':')]
+        node: Any = out
+        for i, key in enumerate(path[:-1]):
+            if not isinstance(node, dict) or key not in node:
+                problems.append(Problem('.'.join(path), value.strip(),
+                                        f"--force_yml: no section {'.'.join(path[:i + 1])!r} in the option file"))
+                node = None
+                break
+            node = node[key]
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            problems.append(Problem('.'.join(path), value.strip(),
+                                    f"--force_yml: {'.'.join(path[:-1])!r} is not a section"))
+            continue
+        try:
+            node[path[-1]] = _postprocess_yml_value(value.strip())
+        except Exception:  # noqa: BLE001 - eval of a bad literal: BasicSR keeps the text
+            node[path[-1]] = value.strip()
+    return out, problems
+
+
+def validate_options(opt: Mapping[str, Any], mode: str = 'train', paths: bool = True,
+                     auto_resume: bool = False) -> List[Problem]:
+    """Every problem of a BasicSR option dict for ``grl-train`` (``mode='train'``) / ``grl-test``.
+
+    ``paths=False`` skips the file checks (``--dry-run`` reports missing files itself;
+    ``grl-prepare`` checks the files it writes before their data exists). ``auto_resume``: the
+    training state is looked up by BasicSR, so ``resume_state`` / ``pretrain_network_*`` are
+    not checked.
+    """
+    out = check_registered(opt)
+    out += check_datasets(opt)
+    net = opt.get('network_g')
+    kwargs = None
+    if net is not None:
+        net_problems = check_network(net)
+        out += net_problems
+        kwargs = network_kwargs(net) if isinstance(net, Mapping) else None
+        if kwargs is not None:  # each network key is reported once
+            named = {p.key for p in net_problems}
+            out += [p for p in check_scale(opt, kwargs) + check_channels(opt, kwargs) if p.key not in named]
+    out += check_tile(opt, kwargs if kwargs is not None and pad_size(kwargs) else None)
+    if paths:
+        out += check_paths(opt, mode, auto_resume)
+    return out
+
+
+def validate_file(opt: Mapping[str, Any], mode: str = 'train', force_yml: Optional[Sequence[str]] = None,
+                  paths: bool = True, auto_resume: bool = False, prog: str = 'grl') -> List[Problem]:
+    """:func:`validate_options` of ``opt`` after the ``--force_yml`` overrides.
+
+    A failure of the checks themselves never stops a run: it is reported as a one-line warning
+    (``<prog>: warning: ...``) and BasicSR's own checks remain.
+    """
+    try:
+        opt, problems = apply_force_yml(opt, force_yml)
+        return problems + validate_options(opt, mode, paths=paths, auto_resume=auto_resume)
+    except Exception as err:  # noqa: BLE001 - a bug here must not block a valid run
+        text = ' '.join(str(err).split()) or type(err).__name__
+        print(f'{prog}: warning: option checks skipped ({type(err).__name__}: {text})', file=sys.stderr)
+        return []
+
+
+def validate_option_text(text: str, mode: str = 'train') -> List[Problem]:
+    """:func:`validate_options` (without file checks) of option-file text, read with BasicSR's
+    YAML loader; for tools that write option files (``grl-prepare``)."""
+    import yaml
+    from basicsr.utils.options import ordered_yaml
+    opt = yaml.load(text, Loader=ordered_yaml()[0])
+    if not isinstance(opt, Mapping):
+        return [Problem('<file>', type(opt).__name__, 'must hold a mapping of options')]
+    return validate_options(opt, mode, paths=False)
+
+
+def validate_network_file(opt: Mapping[str, Any]) -> List[Problem]:
+    """Problems of the parts of an option file that ``grl-infer --opt`` uses: the GRL geometry of
+    ``network_g`` (unknown keys, choices, stripes vs down-factor; the weights decide channels,
+    stages and heads) and ``val.tile``."""
+    net = opt.get('network_g')
+    out = check_network(net, shape_keys=False) if net is not None else []
+    kwargs = network_kwargs(net) if isinstance(net, Mapping) else None
+    return out + check_tile(opt, kwargs if kwargs is not None and not out and pad_size(kwargs) else None)
+
+
+def report(prog: str, source: str, problems: Sequence[Problem], file: Optional[TextIO] = None) -> int:
+    """Print one ``<prog>: error: <source>: <key>=<value>: <what>`` line per problem; returns 2."""
+    stream = file if file is not None else sys.stderr
+    for problem in problems:
+        print(f'{prog}: error: {problem.format(source)}', file=stream)
+    stream.flush()
+    return 2
