@@ -38,6 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
               "MALLOC_TOP_PAD_": "1073741824"}
 IMPLS = ("official", "reference", "fast")
+# Variants of the fast path for the training columns (same weights, same outputs):
+# fast_keepP -- CPU backward keeps the attention probabilities (layers.set_lean_backward(False));
+# fast_ckpt  -- activation checkpointing of every block (GRLStage.use_checkpoint).
+VARIANTS = ("fast_keepP", "fast_ckpt")
 
 _COMMON = dict(in_channels=3, img_range=1.0, mlp_ratio=2, stripe_shift=True, qkv_proj_type="linear",
                anchor_proj_type="avgpool", anchor_one_stage=True, anchor_window_down_factor=4,
@@ -82,8 +86,12 @@ def build(config: str, size: int, impls=IMPLS, seed: int = 0):
         if impl == "official":
             models[impl] = official
         else:
-            m = GRL(attn_impl="sdpa" if impl == "fast" else "reference", **kw)
+            m = GRL(attn_impl="reference" if impl == "reference" else "sdpa", **kw)
             m.load_state_dict(sd, strict=True)
+            if impl == "fast_ckpt":
+                for mod in m.modules():
+                    if hasattr(mod, "use_checkpoint"):
+                        mod.use_checkpoint = True
             models[impl] = m
     for m in models.values():
         m.eval()
@@ -96,7 +104,9 @@ def _fwd(torch, model, x):
         return model(x)
 
 
-def _train_step(torch, model, x, target, seed=0):
+def _train_step(torch, model, x, target, seed=0, keep_probs=False):
+    from grl_plugin.layers import set_lean_backward
+    set_lean_backward(not keep_probs)
     model.train()
     torch.manual_seed(seed)  # same DropPath draws for every implementation
     out = model(x)
@@ -130,7 +140,7 @@ def memory_child(config: str, size: int, impl: str) -> dict:
     base = _maxrss_mib()
     out = _fwd(torch, model, x)
     fwd = _maxrss_mib()
-    _train_step(torch, model, x, torch.rand_like(out))
+    _train_step(torch, model, x, torch.rand_like(out), keep_probs=impl == "fast_keepP")
     train = _maxrss_mib()
     # growth of the peak RSS over the RSS after building the model (imports + weights)
     return {"base": base, "fwd": fwd - base, "train": train - base}
@@ -147,29 +157,31 @@ def measure_memory(config: str, size: int, impl: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = True) -> dict:
+def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = True,
+            variants=VARIANTS) -> dict:
     torch, *_ = _imports()
-    models = build(config, size)
+    models = build(config, size, impls=IMPLS + tuple(variants))
     torch.manual_seed(1)
     x = torch.rand(1, 3, size, size)
-    outs = {k: _fwd(torch, m, x) for k, m in models.items()}
+    outs = {k: _fwd(torch, m, x) for k, m in models.items() if k in IMPLS}
     target = torch.rand_like(outs["fast"])
     delta_ref = float((outs["fast"] - outs["reference"]).abs().max())
     delta_off = float((outs["fast"] - outs["official"]).abs().max())
     for _ in range(warmup):
-        for m in models.values():
-            _fwd(torch, m, x)
-            _train_step(torch, m, x, target)
-    fwd = {k: [] for k in models}
+        for k, m in models.items():
+            if k in IMPLS:
+                _fwd(torch, m, x)
+            _train_step(torch, m, x, target, keep_probs=k == "fast_keepP")
+    fwd = {k: [] for k in models if k in IMPLS}
     train = {k: [] for k in models}
     for _ in range(repeats):
-        for k, m in models.items():
+        for k in fwd:
             t = time.perf_counter()
-            _fwd(torch, m, x)
+            _fwd(torch, models[k], x)
             fwd[k].append(time.perf_counter() - t)
         for k, m in models.items():
             t = time.perf_counter()
-            _train_step(torch, m, x, target)
+            _train_step(torch, m, x, target, keep_probs=k == "fast_keepP")
             train[k].append(time.perf_counter() - t)
     row = {"config": config, "size": size, "delta_ref": delta_ref, "delta_off": delta_off,
            "fwd": {k: statistics.median(v) for k, v in fwd.items()},
@@ -177,27 +189,41 @@ def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = Tr
            "load": os.getloadavg()[0]}
     del models
     if memory:
-        row["mem"] = {k: measure_memory(config, size, k) for k in IMPLS}
+        row["mem"] = {k: measure_memory(config, size, k) for k in IMPLS + tuple(variants)}
     return row
 
 
 def format_table(rows) -> str:
+    """Two markdown tables: timings (+ max |diff|) and peak memory, with ratios to reference."""
+    variants = [v for v in VARIANTS if rows and v in rows[0]["train"]]
     head = ("| config | input | fwd official (s) | fwd reference (s) | fwd fast (s) | fwd fast/off | "
             "fwd fast/ref | train official (s) | train reference (s) | train fast (s) | train fast/off | "
-            "train fast/ref | +peak MiB fwd off/ref/fast | +peak MiB train off/ref/fast | "
+            "train fast/ref | " + "".join(f"train {v}/ref | " for v in variants) +
             "max abs diff fast-ref | max abs diff fast-off | load |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         f, t = r["fwd"], r["train"]
-        mem = r.get("mem")
-        mf = "/".join(f"{mem[k]['fwd']:.0f}" for k in IMPLS) if mem else "-"
-        mt = "/".join(f"{mem[k]['train']:.0f}" for k in IMPLS) if mem else "-"
         lines.append(
             f"| {r['config']} | {r['size']}x{r['size']} | {f['official']:.3f} | {f['reference']:.3f} | "
             f"{f['fast']:.3f} | {f['fast'] / f['official']:.2f} | {f['fast'] / f['reference']:.2f} | "
             f"{t['official']:.3f} | {t['reference']:.3f} | {t['fast']:.3f} | "
-            f"{t['fast'] / t['official']:.2f} | {t['fast'] / t['reference']:.2f} | {mf} | {mt} | "
+            f"{t['fast'] / t['official']:.2f} | {t['fast'] / t['reference']:.2f} | " +
+            "".join(f"{t[v] / t['reference']:.2f} | " for v in variants) +
             f"{r['delta_ref']:.2e} | {r['delta_off']:.2e} | {r['load']:.2f} |")
+    if any(r.get("mem") for r in rows):
+        impls = list(IMPLS) + variants
+        head = ("| config | input | +peak MiB fwd " + "/".join(IMPLS) + " | +peak MiB train " + "/".join(impls) +
+                " | train fast/ref | " + "".join(f"train {v}/ref | " for v in variants))
+        lines += ["", head, "|" + "---|" * head.count(" | ") + "---|"]
+        for r in rows:
+            mem = r.get("mem")
+            if not mem:
+                continue
+            ref = mem["reference"]["train"]
+            lines.append(
+                f"| {r['config']} | {r['size']}x{r['size']} | " + "/".join(f"{mem[k]['fwd']:.0f}" for k in IMPLS) +
+                " | " + "/".join(f"{mem[k]['train']:.0f}" for k in impls) + f" | {mem['fast']['train'] / ref:.2f} | " +
+                "".join(f"{mem[v]['train'] / ref:.2f} | " for v in variants))
     return "\n".join(lines)
 
 
@@ -211,6 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--no-malloc-env", action="store_true", help="keep the default glibc malloc settings")
     p.add_argument("--json", type=str, default=None, help="also write the rows to this JSON file")
+    p.add_argument("--no-variants", action="store_true", help="skip the fast_keepP / fast_ckpt training variants")
     p.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._memory_child:
@@ -228,7 +255,8 @@ def main(argv=None) -> int:
     rows = []
     for size in args.sizes:
         for config in args.configs:
-            rows.append(measure(config, size, args.repeats, args.warmup, memory=not args.no_memory))
+            rows.append(measure(config, size, args.repeats, args.warmup, memory=not args.no_memory,
+                                variants=() if args.no_variants else VARIANTS))
             print(f"# done {config} {size}x{size}", file=sys.stderr, flush=True)
     print(format_table(rows))
     if args.json:

@@ -85,12 +85,17 @@ def test_bench_attention_quick_smoke():
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny |")]
-    assert len(lines) == 1, res.stdout
-    cells = [c.strip() for c in lines[0].strip("|").split("|")]
-    header = [c.strip() for c in next(ln for ln in res.stdout.splitlines()
-                                       if ln.startswith("| config")).strip("|").split("|")]
-    row = dict(zip(header, cells))
+    out = res.stdout.splitlines()
+    headers = [i for i, ln in enumerate(out) if ln.startswith("| config")]
+    assert len(headers) == 2, res.stdout  # timings, then peak memory
+    tables = [[ln for ln in out[i:] if ln.startswith("| tiny |")][:1] for i in headers]
+    assert all(len(t) == 1 for t in tables), res.stdout
+
+    def row_of(k):
+        cells = [c.strip() for c in tables[k][0].strip("|").split("|")]
+        return dict(zip([c.strip() for c in out[headers[k]].strip("|").split("|")], cells))
+    row, mem = row_of(0), row_of(1)
+    assert float(mem["train fast/ref"]) > 0
     assert float(row["max abs diff fast-ref"]) <= TOL
     assert float(row["max abs diff fast-off"]) <= TOL
     assert re.fullmatch(r"[\d.]+", row["fwd fast/ref"])
