@@ -20,26 +20,26 @@ Usage::
     python benchmarks/bench_attention.py --quick              # smoke run (tiny, 32x32, 1 repeat)
 
 The glibc malloc settings of the official baseline (BASELINE.md) are applied by re-executing
-the script with them unless ``--no-malloc-env`` is given.
+the script with them unless ``--no-malloc-env`` is given; the memory subprocesses use a fixed
+128 KiB mmap threshold instead, so that their peak RSS follows the live tensors (``_common.py``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import maxrss_mib, reexec_for_timing, run_memory_child  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-              "MALLOC_TOP_PAD_": "1073741824"}
 IMPLS = ("official", "reference", "fast")
 # Variants of the fast path for the training columns (same weights, same outputs):
-# fast_keepP -- CPU backward keeps the attention probabilities (layers.set_lean_backward(False));
+# fast_keepP -- CPU backward always keeps the attention probabilities (layers.set_lean_backward(False));
 # fast_ckpt  -- activation checkpointing of every block (GRLStage.use_checkpoint).
 VARIANTS = ("fast_keepP", "fast_ckpt")
 
@@ -106,7 +106,7 @@ def _fwd(torch, model, x):
 
 def _train_step(torch, model, x, target, seed=0, keep_probs=False):
     from grl_plugin.layers import set_lean_backward
-    set_lean_backward(not keep_probs)
+    set_lean_backward(False if keep_probs else None)  # the default (automatic) unless keeping P
     model.train()
     torch.manual_seed(seed)  # same DropPath draws for every implementation
     out = model(x)
@@ -116,20 +116,6 @@ def _train_step(torch, model, x, target, seed=0, keep_probs=False):
     return float(loss.detach())
 
 
-def _maxrss_mib() -> float:
-    """Peak RSS of this process image in MiB.
-
-    ``VmHWM`` of ``/proc/self/status`` where available: ``ru_maxrss`` survives fork + exec on
-    Linux, so a child of a large benchmark process would report the parent's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
 
 def memory_child(config: str, size: int, impl: str) -> dict:
     torch, *_ = _imports()
@@ -137,36 +123,33 @@ def memory_child(config: str, size: int, impl: str) -> dict:
     model = models[impl]
     torch.manual_seed(1)
     x = torch.rand(1, 3, size, size)
-    base = _maxrss_mib()
+    base = maxrss_mib()
     out = _fwd(torch, model, x)
-    fwd = _maxrss_mib()
+    fwd = maxrss_mib()
     _train_step(torch, model, x, torch.rand_like(out), keep_probs=impl == "fast_keepP")
-    train = _maxrss_mib()
+    train = maxrss_mib()
     # growth of the peak RSS over the RSS after building the model (imports + weights)
     return {"base": base, "fwd": fwd - base, "train": train - base}
 
 
 def measure_memory(config: str, size: int, impl: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", config, str(size), impl]
-    # default glibc settings here: with MALLOC_TRIM_THRESHOLD_ raised, pages freed after the
-    # imports stay resident and are reused, so the peak would not grow with the workload
-    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        return {"fwd": float("nan"), "train": float("nan"), "error": res.stderr[-500:]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_memory_child(__file__, (config, size, impl))
 
 
 def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = True,
-            variants=VARIANTS) -> dict:
+            variants=VARIANTS, official: bool = True) -> dict:
+    """One row; ``official=False`` leaves the official oracle out of the timings and memory
+    (its values are NaN): base@sr trains past 19 GB in it (BASELINE.md)."""
     torch, *_ = _imports()
-    models = build(config, size, impls=IMPLS + tuple(variants))
+    impls = IMPLS if official else tuple(i for i in IMPLS if i != "official")
+    models = build(config, size, impls=impls + tuple(variants))
     torch.manual_seed(1)
     x = torch.rand(1, 3, size, size)
     outs = {k: _fwd(torch, m, x) for k, m in models.items() if k in IMPLS}
     target = torch.rand_like(outs["fast"])
+    nan = float("nan")
     delta_ref = float((outs["fast"] - outs["reference"]).abs().max())
-    delta_off = float((outs["fast"] - outs["official"]).abs().max())
+    delta_off = float((outs["fast"] - outs["official"]).abs().max()) if official else nan
     for _ in range(warmup):
         for k, m in models.items():
             if k in IMPLS:
@@ -184,12 +167,14 @@ def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = Tr
             _train_step(torch, m, x, target, keep_probs=k == "fast_keepP")
             train[k].append(time.perf_counter() - t)
     row = {"config": config, "size": size, "delta_ref": delta_ref, "delta_off": delta_off,
-           "fwd": {k: statistics.median(v) for k, v in fwd.items()},
-           "train": {k: statistics.median(v) for k, v in train.items()},
+           "fwd": {"official": nan, **{k: statistics.median(v) for k, v in fwd.items()}},
+           "train": {"official": nan, **{k: statistics.median(v) for k, v in train.items()}},
            "load": os.getloadavg()[0]}
+    models_built = set(models)
     del models
     if memory:
-        row["mem"] = {k: measure_memory(config, size, k) for k in IMPLS + tuple(variants)}
+        row["mem"] = {k: measure_memory(config, size, k) if k in models_built else {"fwd": nan, "train": nan}
+                      for k in IMPLS + tuple(variants)}
     return row
 
 
@@ -238,15 +223,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-malloc-env", action="store_true", help="keep the default glibc malloc settings")
     p.add_argument("--json", type=str, default=None, help="also write the rows to this JSON file")
     p.add_argument("--no-variants", action="store_true", help="skip the fast_keepP / fast_ckpt training variants")
+    p.add_argument("--no-official", nargs="*", default=[], metavar="CONFIG",
+                   help="leave the official oracle out for these configs (all if none named): NaN columns")
     p.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._memory_child:
         c, s, i = args._memory_child
         print(json.dumps(memory_child(c, int(s), i)))
         return 0
-    if not args.no_malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + sys.argv[1:],
-                  {**os.environ, **MALLOC_ENV})
+    reexec_for_timing(__file__, args.no_malloc_env)
     if args.quick:
         args.configs, args.sizes, args.repeats, args.warmup = ["tiny"], [32], 1, 1
     import torch
@@ -255,9 +240,12 @@ def main(argv=None) -> int:
     rows = []
     for size in args.sizes:
         for config in args.configs:
+            official = not (args.no_official == [] and "--no-official" in sys.argv or config in args.no_official)
             rows.append(measure(config, size, args.repeats, args.warmup, memory=not args.no_memory,
-                                variants=() if args.no_variants else VARIANTS))
+                                variants=() if args.no_variants else VARIANTS, official=official))
             print(f"# done {config} {size}x{size}", file=sys.stderr, flush=True)
+            if args.json:  # after every row: a later crash (e.g. out of memory) keeps what was measured
+                Path(args.json).write_text(json.dumps(rows, indent=1))
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -30,8 +30,8 @@ Usage::
     python benchmarks/bench_vs_swinir.py --quick                 # smoke run (tiny, 32x32, 1 repeat)
 
 The glibc malloc settings of the official baseline (BASELINE.md) are applied by re-executing
-the script with them unless ``--no-malloc-env`` is given (the memory subprocesses run with the
-default settings, as in ``bench_attention.py``).
+the script with them unless ``--no-malloc-env`` is given; the memory subprocesses use a fixed
+128 KiB mmap threshold instead (see ``_common.py``).
 """
 from __future__ import annotations
 
@@ -39,18 +39,17 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from fractions import Fraction
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import maxrss_mib, reexec_for_timing, run_memory_child  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-              "MALLOC_TOP_PAD_": "1073741824"}
 MODELS = {"tiny": "T", "small": "S", "base": "B"}
 ARCHS = ("grl", "swinir")
 SWINIR_WINDOW = 8
@@ -188,16 +187,6 @@ def _time_mm(torch, a, b) -> float:
     return time.perf_counter() - t
 
 
-def _maxrss_mib() -> float:
-    """Peak RSS of this process image in MiB (``VmHWM``; ``ru_maxrss`` survives fork + exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
 
 def memory_child(job: dict) -> dict:
     torch, *_ = _imports()
@@ -205,24 +194,16 @@ def memory_child(job: dict) -> dict:
     model = build(job["spec"], job["arch"], job["size"])
     torch.manual_seed(1)
     x = torch.rand(1, 3, job["size"], job["size"])
-    base = _maxrss_mib()
+    base = maxrss_mib()
     out = _fwd(torch, model, x)
-    fwd = _maxrss_mib()
+    fwd = maxrss_mib()
     _train_step(torch, model, x, torch.rand_like(out))
-    train = _maxrss_mib()
+    train = maxrss_mib()
     return {"base": base, "fwd": fwd - base, "train": train - base}
 
 
 def measure_memory(spec: dict, arch: str, size: int, threads: int) -> dict:
-    job = json.dumps({"spec": spec, "arch": arch, "size": size, "threads": threads})
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", job]
-    # default glibc settings here (see bench_attention.py): with MALLOC_TRIM_THRESHOLD_ raised,
-    # pages freed after the imports stay resident and the peak would not grow with the workload
-    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        return {"fwd": float("nan"), "train": float("nan"), "error": res.stderr[-500:]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_memory_child(__file__, (json.dumps({"spec": spec, "arch": arch, "size": size, "threads": threads}),))
 
 
 def measure(spec: dict, size: int, repeats: int, warmup: int, mm_size: int, threads: int,
@@ -350,9 +331,7 @@ def main(argv=None) -> int:
     if args._memory_child:
         print(json.dumps(memory_child(json.loads(args._memory_child))))
         return 0
-    if not args.no_malloc_env and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve())] + sys.argv[1:],
-                  {**os.environ, **MALLOC_ENV})
+    reexec_for_timing(__file__, args.no_malloc_env)
     if args.quick:
         args.models, args.sizes, args.repeats, args.warmup = ["tiny"], [32], 1, 1
     torch, *_ = _imports()

@@ -112,9 +112,9 @@ def _attention_inputs(masked, requires_grad=True, seed=1):
     return t, table, index, mask, qkv
 
 
-@pytest.mark.parametrize("save_probs", [False, True])
+@pytest.mark.parametrize("save_probs", [False, True, None])
 def test_lean_attention_backward_both_modes_match_autograd(save_probs, monkeypatch):
-    """The hand-written backward (recomputing P, or keeping it) equals autograd's reference."""
+    """The hand-written backward (recomputing P, keeping it, automatic) equals autograd's reference."""
     monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
     t, table, index, mask, (q, k, v) = _attention_inputs(True)
     leaves = [q, k, v] + list(t.parameters())
@@ -162,3 +162,74 @@ def test_fused_eval_path_matches_reference(masked):
         ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
         fast = cosine_attention(q, k, v, t, table, index, mask, impl="sdpa")
     assert (ref - fast).abs().max() <= TOL
+
+
+def test_automatic_backward_keeps_probabilities_only_when_small(monkeypatch):
+    """Automatic mode: P kept for 8x8 windows (64 x 64 per head, d 32), recomputed for 32x32
+    windows (1024 x 1024, d 16) and 64x64 stripes against 16x16 anchors (4096 x 256, d 16)."""
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None])
+    e = torch.empty
+    assert attention_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32))
+    assert not attention_mod._keep_probs(e(1, 2, 1024, 16), e(1, 2, 1024, 16), e(1, 2, 1024, 16))
+    assert not attention_mod._keep_probs(e(1, 2, 4096, 16), e(1, 2, 256, 16), e(1, 2, 256, 16))
+    for forced in (True, False):
+        attention_mod.set_lean_backward(not forced)
+        assert attention_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32)) is forced
+    attention_mod.set_lean_backward(None)
+    assert attention_mod._SAVE_PROBS == [None]
+
+
+def test_cpu_softmax_floor_matches_softmax_and_leaves_no_subnormals():
+    """The fast path's in-place softmax (plain, and exp(s - lse) from the forward's row
+    log-sum-exp) equals torch.softmax to float32 resolution on logits with -100 masks, and
+    writes no subnormal float (the values that make x86 arithmetic slow)."""
+    torch.manual_seed(0)
+    s = torch.randn(3, 2, 64, 48) * 8 + (torch.rand(3, 1, 64, 48) > 0.5).float() * -100
+    ref = torch.softmax(s, -1)
+    tiny = torch.finfo(torch.float32).tiny
+    assert ((ref > 0) & (ref < tiny)).any()  # softmax itself writes subnormals here
+    for p in (attention_mod._softmax_(s.clone()), attention_mod._softmax_(s.clone(), torch.logsumexp(s, -1))):
+        assert (p - ref).abs().max() <= 4e-6  # float32 rounding of exp at logits up to ~40
+        assert not ((p > 0) & (p < tiny)).any()
+        assert float(p.min()) >= 0.99e-20 / s.shape[-1]  # the floor, divided by a row sum <= N2
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_head_dim_padding_for_fused_kernels_changes_nothing(masked):
+    """GRL-B's head dim 30 is zero-padded for SDPA's CUDA kernels (multiple 4 or 8); forced here
+    on the CPU, the padded call gives the unpadded result, gradients included."""
+    t, table, index, mask, (q, k, v) = _attention_inputs(masked)
+    q, k, v = (x[..., :3] for x in (q, k, v))  # head dim 3: padded to 8
+    bias = t.position_bias(table, index)
+    plain = attention_mod._fused(q, k, v, bias, mask, head_multiple=1)
+    padded = attention_mod._fused(q, k, v, bias, mask, head_multiple=8)
+    assert padded.shape == plain.shape and (padded - plain).abs().max() <= 1e-6
+    g1 = torch.autograd.grad(plain.sum(), (q, k, v), retain_graph=True)
+    g2 = torch.autograd.grad(padded.sum(), (q, k, v))
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("save_probs", [False, True])
+def test_region_mask_split_matches_reference_eval_and_training(save_probs, monkeypatch):
+    """A real shifted-window mask (4x4 windows of 4x4 pixels): only the last row and column of
+    windows mix regions; the fast path forms bias + mask for those 7 alone (and puts every
+    window back in order) with the reference's results, forward and gradients."""
+    from grl_plugin.layers.geometry import coords_table, mask_split, relative_index, window_mask
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    mask = window_mask((16, 16), 4, 2, torch.device("cpu"))
+    masked, plain, values = mask_split(mask)
+    assert masked.tolist() == [3, 7, 11, 12, 13, 14, 15] and plain.numel() == 9
+    assert torch.equal(values, mask[masked]) and not mask[plain].any()
+    assert mask_split(mask)[0] is masked  # cached
+    torch.manual_seed(3)
+    t = AffineTransform(2)
+    table, index = coords_table((4, 4), 1, torch.device("cpu")), relative_index((4, 4), 1, True, torch.device("cpu"))
+    q, k, v = (torch.randn(2 * 16, 2, 16, 8, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
+        assert (cosine_attention(q, k, v, t, table, index, mask, impl="sdpa") - ref).abs().max() <= TOL
+    leaves = [q, k, v] + list(t.parameters())
+    grads = [torch.autograd.grad(cosine_attention(q, k, v, t, table, index, mask, impl=impl).square().sum(), leaves)
+             for impl in ("reference", "sdpa")]
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))

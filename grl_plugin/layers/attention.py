@@ -15,12 +15,16 @@ Two implementations give the same result:
     the logit scale is folded into the normalised queries and bias + mask form one additive
     mask. Without autograd it calls ``F.scaled_dot_product_attention`` (a fused kernel on CPU
     and CUDA: no N1 x N2 logits written to memory). With autograd on CUDA it also calls SDPA;
-    on CPU, where SDPA would fall back to its unfused math kernel, :class:`_LeanAttention`
-    computes the same attention with a hand-written backward that keeps no N1 x N2 tensor
-    between forward and backward (it recomputes the probabilities from the saved row
-    log-sum-exp) and does its softmax and gradient passes in place. The position bias is
-    computed once per call from the small table (MLP, sigmoid, then one gather) and, when no
-    gradient is needed, cached per module until its weights change (:func:`set_bias_cache`).
+    on CPU, where SDPA's backward would run its unfused math kernel (and gives no gradient for
+    the position bias), :class:`_LeanAttention` runs the fused forward and a hand-written
+    backward that recomputes the probabilities instead of keeping an N1 x N2 tensor between
+    forward and backward, doing its gradient passes in place; where the probabilities are
+    no larger than the q, k, v and output it saves anyway (small windows) it keeps them
+    instead (see :func:`set_lean_backward`). Its softmax floors probabilities at 1e-20
+    (masked pairs would otherwise be subnormal floats, on which x86 CPUs are many times
+    slower; nothing below float32 resolution changes). The position bias is computed once per call from
+    the small table (MLP, sigmoid, then one gather) and, when no gradient is needed, cached
+    per module until its weights change (:func:`set_bias_cache`).
 """
 from __future__ import annotations
 
@@ -30,11 +34,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 ATTN_IMPLS = ("sdpa", "reference")
 _MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
 _BIAS_CACHE = {"enabled": True}
-_SAVE_PROBS = [False]
+_SAVE_PROBS = [None]  # None: automatic (see set_lean_backward)
 _CACHE_ENTRIES = 2  # geometries (input sizes) remembered per module
 
 
@@ -48,14 +53,26 @@ def set_bias_cache(enabled: bool) -> None:
     _BIAS_CACHE["enabled"] = bool(enabled)
 
 
-def set_lean_backward(enabled: bool) -> None:
-    """CPU training memory/speed trade-off of the ``"sdpa"`` path (default: lean, ``True``).
+def set_lean_backward(enabled: Optional[bool] = None) -> None:
+    """CPU training memory/speed trade-off of the ``"sdpa"`` path.
 
-    Lean: the backward recomputes the attention probabilities, so no N1 x N2 tensor lives
-    between forward and backward (about half the reference path's training peak at the SR
-    settings). ``False`` keeps them instead: a faster backward for more memory.
+    ``None`` (default, automatic): the backward recomputes the attention probabilities P
+    where P (N1 x N2 per head) would be larger than the q, k, v and output that are saved
+    anyway (e.g. GRL's 32x32 windows and 64x64 stripes), and keeps P where it is not (8x8
+    windows). ``True``: always recompute (least memory); ``False``: always keep P (fastest
+    backward, most memory).
     """
-    _SAVE_PROBS[0] = not enabled
+    _SAVE_PROBS[0] = None if enabled is None else not enabled
+
+
+def _keep_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the CPU backward keeps P: forced by :func:`set_lean_backward`, else when P is no
+    larger than q, k, v and the output together."""
+    if _SAVE_PROBS[0] is not None:
+        return _SAVE_PROBS[0]
+    n1, d = q.shape[-2:]
+    n2, dv = v.shape[-2:]
+    return n1 * n2 <= n1 * d + n2 * d + n2 * dv + n1 * dv
 
 
 class AffineTransform(nn.Module):
@@ -108,19 +125,39 @@ class AffineTransform(nn.Module):
             # the entry holds table and index themselves, so their ids cannot be reused meanwhile
             if hit is not None and hit[0] is table and hit[1] is index and hit[2] == versions:
                 return hit[3]
-        hidden = F.relu(F.linear(table.reshape(-1, 2).to(lin1.weight.dtype), lin1.weight, lin1.bias))  # (T, hidden)
-        values = 16 * torch.sigmoid(torch.mm(lin2.weight, hidden.t()))            # (heads, T)
-        bias = values.index_select(1, index.reshape(-1)).view(self.num_heads, *index.shape)
+        bias = _gather_bias(self.bias_values(table), index)
         if cache:
             if len(self._bias_cache) >= _CACHE_ENTRIES:  # e.g. tiles of another size: drop the oldest
                 self._bias_cache.pop(next(iter(self._bias_cache)))
             self._bias_cache[(id(table), id(index))] = (table, index, versions, bias)
         return bias
 
+    def bias_values(self, table: torch.Tensor) -> torch.Tensor:
+        """16 * sigmoid(cpb_mlp(table)) for every table cell, head-major: (heads, T).
+
+        With autograd the MLP is recomputed in the backward (``torch.utils.checkpoint``): its
+        (T, 512) hidden layer would otherwise stay in memory until then, e.g. 8-13 MiB per
+        attention module at the SR settings, more than the attention itself keeps."""
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.logit_scale.requires_grad:
+            if self._bias_cache:  # training: the eval-time biases go stale with the next step
+                self._bias_cache = {}
+            return checkpoint(self._bias_values, table, use_reentrant=False)
+        return self._bias_values(table)
+
+    def _bias_values(self, table: torch.Tensor) -> torch.Tensor:
+        lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
+        hidden = F.relu(F.linear(table.reshape(-1, 2).to(lin1.weight.dtype), lin1.weight, lin1.bias))  # (T, hidden)
+        return 16 * torch.sigmoid(torch.mm(lin2.weight, hidden.t()))
+
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): cached biases are stale
         self._bias_cache = {}
         return super()._apply(fn, recurse)
 
+
+
+def _gather_bias(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(heads, T) table values gathered by an (N1, N2) index -> (heads, N1, N2)."""
+    return values.index_select(1, index.reshape(-1)).view(values.shape[0], *index.shape)
 
 
 def _explicit(q, k, v, bias, mask, dropout_p, inplace):
@@ -155,52 +192,148 @@ def _logits_(q, k, bias, mask):
     return s
 
 
+# Probabilities below 1e-20 (13 orders of magnitude under float32 resolution relative to a
+# row's largest one) are raised to 1e-20 by the CPU softmax of the fast path: masked pairs
+# (logit -100) would otherwise come out around e^-100, subnormal floats on which x86 CPUs
+# compute many times slower (exp, then dS = P * (dP - D) and the products dS k, dS^T q).
+_LOG_FLOOR = math.log(1e-20)
+
+
+def _softmax_(s: torch.Tensor, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In-place softmax over the last dim with the 1e-20 floor (see ``_LOG_FLOOR``).
+
+    With ``lse`` (the rows' log-sum-exp from the forward, shape ``s.shape[:-1]``) it is
+    ``exp(s - lse)``, three cheap passes instead of softmax's reductions."""
+    if lse is None:
+        s.sub_(s.amax(-1, keepdim=True)).clamp_min_(_LOG_FLOOR).exp_()
+        return s.div_(s.sum(-1, keepdim=True))
+    return s.sub_(lse.unsqueeze(-1)).clamp_min_(_LOG_FLOOR).exp_()
+
+
 class _LeanAttention(torch.autograd.Function):
     """softmax(q k^T + bias + mask) @ v for autograd on CPU, with a lean hand-written backward.
 
-    Saves q, k, v and the output; the backward recomputes the probabilities P (one matrix
-    product and a softmax) and forms the logits' gradient in place:
-    dS = P * (dO v^T - rowsum(dO * O)). Between forward and backward nothing of size
-    N1 x N2 is kept (``save_probs=True`` keeps P instead: faster, more memory).
+    Takes the position bias as its (heads, T) table values and the (N1, N2) index and gathers
+    it itself. The forward is the fused CPU kernel (no N1 x N2 tensor written), which also
+    gives every row's log-sum-exp; it saves q, k, v, the output, that (N1-sized) log-sum-exp
+    and the small table values. The backward gathers the bias again, recomputes the
+    probabilities P = exp(q k^T + bias + mask - lse) (one matrix product and three elementwise
+    passes) and forms the logits' gradient in place: dS = P * (dO v^T - rowsum(dO * O)); the
+    bias gradient goes back to the table cells with one ``index_add_``. Between forward and
+    backward nothing of size N1 x N2 is kept. With ``save_probs`` (or where the fused kernel
+    is missing) the forward computes P explicitly and keeps it instead (faster backward, more
+    memory).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, save_probs):
-        p = torch.softmax(_logits_(q, k, bias, mask), dim=-1)
-        out = torch.matmul(p, v)
-        ctx.save_probs = save_probs
-        ctx.save_for_backward(q, k, v, bias, mask, out, p if save_probs else None)
+    def forward(ctx, q, k, v, values, index, mask, save_probs):
+        bias = _gather_bias(values, index)
+        p = lse = None
+        if not save_probs:
+            try:  # detached: the kernel takes no mask that needs a gradient
+                out, lse = _fused_with_lse(q, k, v, bias.detach(), mask)
+            except (AttributeError, RuntimeError, NotImplementedError):  # no fused CPU kernel here
+                save_probs = True
+        if save_probs:
+            p = _softmax_(_logits_(q, k, bias, mask))
+            out = torch.matmul(p, v)
+        ctx.save_for_backward(q, k, v, values, index, mask, out, p, lse)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, bias, mask, out, p = ctx.saved_tensors
+        q, k, v, values, index, mask, out, p, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
         if p is None:
-            p = torch.softmax(_logits_(q, k, bias, mask), dim=-1)
+            p = _softmax_(_logits_(q, k, _gather_bias(values, index), mask), lse)
         d_v = torch.matmul(p.transpose(-2, -1), d_out) if ctx.needs_input_grad[2] else None
         ds = torch.matmul(d_out, v.transpose(-2, -1))
         ds.sub_((d_out * out).sum(-1, keepdim=True)).mul_(p)
         del p
         d_q = torch.matmul(ds, k) if ctx.needs_input_grad[0] else None
         d_k = torch.matmul(ds.transpose(-2, -1), q) if ctx.needs_input_grad[1] else None
-        d_bias = ds.view(-1, *bias.shape).sum(0) if ctx.needs_input_grad[3] else None
-        return d_q, d_k, d_v, d_bias, None, None
+        d_values = None
+        if ctx.needs_input_grad[3]:
+            d_bias = ds.view(-1, values.shape[0], index.numel()).sum(0)
+            d_values = torch.zeros_like(values).index_add_(1, index.reshape(-1), d_bias)
+        return d_q, d_k, d_v, d_values, None, None, None
 
 
-def _fused(q, k, v, bias, mask):
-    """SDPA with bias (+ mask) as one 4-D additive mask (broadcast over the batch, stride 0)."""
+def _sdpa(q, k, v, bias, mask, kernel):
+    """Run ``kernel(q, k, v, attn_mask)`` (4-D SDPA operands; it returns ``(out, lse or None)``)
+    with bias (+ mask) as the additive mask -> (out (B*nW, heads, N1, dv), lse or None).
+
+    The bias is broadcast over the batch (stride 0). With a region mask, the windows whose mask
+    is all 0 (:func:`~.geometry.mask_split`: all but the last row and column of windows) run
+    with the bias alone and bias + mask is formed for the others only, its windows moved into
+    the head axis (under ``torch.compile``: one call, bias + mask for every window)."""
     heads, n1, n2 = bias.shape
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).expand(q.shape[0], -1, -1, -1),
-                                              scale=1.0)
+        return kernel(q, k, v, bias.unsqueeze(0).expand(q.shape[0], -1, -1, -1))
     n_w = mask.shape[0]
-    full = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).view(1, n_w * heads, n1, n2)
     b = q.shape[0] // n_w
-    out = F.scaled_dot_product_attention(
-        q.reshape(b, n_w * heads, n1, -1), k.reshape(b, n_w * heads, n2, -1),
-        v.reshape(b, n_w * heads, n2, -1), attn_mask=full.expand(b, -1, -1, -1), scale=1.0)
-    return out.view(b * n_w, heads, n1, -1)
+    groups = [(None, mask)]  # (windows, their mask or None); None: all windows
+    if not torch.compiler.is_compiling():
+        from .geometry import mask_split
+        masked, plain, values = mask_split(mask)
+        if plain.numel() and masked.numel():
+            groups = [(plain, None), (masked, values)]
+        elif plain.numel():
+            groups = [(None, None)]
+    results = []
+    for sel, m in groups:
+        qs, ks, vs = (x.view(b, n_w, heads, *x.shape[2:]) for x in (q, k, v))
+        if sel is not None:
+            qs, ks, vs = (x.index_select(1, sel) for x in (qs, ks, vs))
+        n = qs.shape[1]
+        if m is None:
+            out, lse = kernel(*(x.reshape(b * n, heads, *x.shape[3:]) for x in (qs, ks, vs)),
+                              bias.unsqueeze(0).expand(b * n, -1, -1, -1))
+        else:
+            full = (bias.unsqueeze(0) + m.unsqueeze(1).to(bias.dtype)).view(1, n * heads, n1, n2)
+            out, lse = kernel(*(x.reshape(b, n * heads, *x.shape[3:]) for x in (qs, ks, vs)),
+                              full.expand(b, -1, -1, -1))
+        results.append((sel, out.reshape(b, n, heads, n1, -1), lse if lse is None else lse.reshape(b, n, heads, n1)))
+    if len(results) == 1:
+        _, out, lse = results[0]
+    else:  # back into window order
+        out = q.new_empty(b, n_w, heads, n1, results[0][1].shape[-1])
+        lse = None if results[0][2] is None else q.new_empty(b, n_w, heads, n1, dtype=results[0][2].dtype)
+        for sel, o, l in results:
+            out = out.index_copy(1, sel, o)
+            lse = lse if lse is None else lse.index_copy(1, sel, l)
+    return out.reshape(b * n_w, heads, n1, -1), lse if lse is None else lse.reshape(b * n_w, heads, n1)
+
+
+def _head_dim_multiple(q: torch.Tensor) -> int:
+    """Head-dim multiple SDPA's fused CUDA kernels need (memory-efficient attention with a mask:
+    8 for 16-bit, 4 for float32 inputs); 1 elsewhere (the CPU kernel takes any head dim)."""
+    if q.device.type != "cuda":
+        return 1
+    return 4 if q.dtype == torch.float32 else 8
+
+
+def _fused(q, k, v, bias, mask, head_multiple: Optional[int] = None):
+    """``F.scaled_dot_product_attention`` with bias (+ mask) -> (B*nW, heads, N1, dv).
+
+    A head dim the fused kernel cannot take (GRL-B: 30) is zero-padded to ``head_multiple``
+    (default :func:`_head_dim_multiple`): zeros change no q.k product (the scale is passed
+    explicitly) and give zero output columns, which are cut off."""
+    d, dv = q.shape[-1], v.shape[-1]
+    m = head_multiple or _head_dim_multiple(q)
+    if d % m or dv % m:
+        q, k = F.pad(q, (0, -d % m)), F.pad(k, (0, -d % m))
+        v = F.pad(v, (0, -dv % m))
+    out, _ = _sdpa(q, k, v, bias, mask,
+                   lambda *qkvm: (F.scaled_dot_product_attention(*qkvm[:3], attn_mask=qkvm[3], scale=1.0), None))
+    return out[..., :dv]
+
+
+def _fused_with_lse(q, k, v, bias, mask):
+    """The fused CPU kernel behind SDPA, which also returns the rows' log-sum-exp:
+    (output (B*nW, heads, N1, dv), lse (B*nW, heads, N1))."""
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return _sdpa(q, k, v, bias, mask, lambda qs, ks, vs, m: kernel(qs, ks, vs, 0.0, False, attn_mask=m, scale=1.0))
 
 
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transform: AffineTransform,
@@ -236,12 +369,18 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
     q = F.normalize(q, dim=-1) * transform.scale().to(q.dtype)
     k = F.normalize(k, dim=-1)
-    bias = transform.position_bias(table, index).to(q.dtype)
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # in-place on views breaks export
+    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if (q.device.type == "cpu" and torch.is_grad_enabled() and dropout_p == 0 and not exporting
+            and not torch.compiler.is_compiling()):  # CPU training: the lean autograd function
+        values = transform.bias_values(table).to(q.dtype)
+        if any(t.requires_grad for t in (q, k, v, values)):
+            v = v.contiguous()
+            return _LeanAttention.apply(q, k, v, values, index, mask, _keep_probs(q, k, v))
+        bias = _gather_bias(values, index)
+    else:
+        bias = transform.position_bias(table, index).to(q.dtype)
+    if exporting:  # in-place on views breaks export
         return _explicit(q, k, v, bias, mask, dropout_p, inplace=False)
     if dropout_p > 0:
         return _explicit(q, k, v, bias, mask, dropout_p, inplace=True)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
-    if q.device.type == "cpu" and needs_grad and not torch.compiler.is_compiling():
-        return _LeanAttention.apply(q, k, v.contiguous(), bias, mask, _SAVE_PROBS[0])
     return _fused(q, k, v, bias, mask)

@@ -142,6 +142,27 @@ def stripe_masks(size: Size2, stripe: Size2, shift: Size2, df: int,
         return w2a.transpose(1, 2).contiguous(), w2a
 
 
+@lru_cache(maxsize=64)
+def _mask_split(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):
+        mixed = mask.flatten(1).ne(0).any(1)
+        masked = mixed.nonzero().flatten()
+        return masked, (~mixed).nonzero().flatten(), mask.index_select(0, masked)
+
+
+@torch.compiler.disable  # one host sync per mask, then a cache hit
+def mask_split(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masked, plain, masked_values) of an (nW, N1, N2) region mask: the indices of the windows
+    whose mask holds a -100 entry, of those whose mask is all 0 (they need the position bias
+    only), and ``mask[masked]``.
+
+    With shifted windows or stripes only the last row and column of windows mix regions, so
+    the fast path forms bias + mask for those alone. Cached per mask (the masks are cached
+    objects themselves, so their identity is stable).
+    """
+    return _mask_split(mask)
+
+
 # ---------------------------------------------------------------------------------- sets / cache
 class WindowGeometry(NamedTuple):
     """What (shifted) window attention needs at one padded size."""
@@ -206,5 +227,5 @@ def grl_geometry(window_size: int, stripe_size: Sequence[Optional[int]],
 
 def clear_cache() -> None:
     """Drop every cached table, index and mask (e.g. to free device memory)."""
-    for fn in (coords_table, relative_index, window_mask, stripe_masks, _grl_geometry):
+    for fn in (coords_table, relative_index, window_mask, stripe_masks, _mask_split, _grl_geometry):
         fn.cache_clear()
