@@ -221,11 +221,14 @@ def measure(spec: dict, size: int, repeats: int, warmup: int, mm_size: int, thre
     for _ in range(warmup):
         _time_mm(torch, a, b)
         for m in models.values():
-            _fwd(torch, m, x)
             _train_step(torch, m, x, target)
+        for m in models.values():
+            _fwd(torch, m, x)
     fwd = {k: [] for k in models}
     train = {k: [] for k in models}
     mm = []
+    # all eval rounds before all training rounds: a GRL training step drops its eval
+    # position-bias cache (stale after an optimizer step), see bench_attention.py
     for r in range(repeats):
         order = list(ARCHS) if r % 2 == 0 else list(reversed(ARCHS))
         mm.append(_time_mm(torch, a, b))
@@ -233,6 +236,9 @@ def measure(spec: dict, size: int, repeats: int, warmup: int, mm_size: int, thre
             t = time.perf_counter()
             _fwd(torch, models[k], x)
             fwd[k].append(time.perf_counter() - t)
+    for r in range(repeats):
+        order = list(ARCHS) if r % 2 == 0 else list(reversed(ARCHS))
+        mm.append(_time_mm(torch, a, b))
         for k in order:
             t = time.perf_counter()
             _train_step(torch, models[k], x, target)

@@ -1094,7 +1094,19 @@ def _resumable_train_classes():
             indices = super().__iter__()
             return itertools.islice(indices, skip, None) if skip else indices
 
-    class ResumableCPUPrefetcher(CPUPrefetcher):
+    class _Counting:
+        """Counts the batches handed out in the epoch (``grl_batches``) for the training state."""
+
+        def grl_progress(self):
+            return _progress_of(self)
+
+        def next(self):
+            batch = super().next()
+            if batch is not None:
+                self.grl_batches += 1
+            return batch
+
+    class ResumableCPUPrefetcher(_Counting, CPUPrefetcher):
         """``CPUPrefetcher`` counting the batches of the epoch; resumes inside an epoch."""
 
         def __init__(self, loader):  # noqa: super().__init__ not called: no iterator yet
@@ -1107,16 +1119,10 @@ def _resumable_train_classes():
             self.grl_batches, self.grl_rng_before_prefetch = 0, None
             _RESUME['prefetcher'] = weakref.ref(self)
 
-        def grl_progress(self):
-            return _progress_of(self)
-
         def next(self):
             if self.loader is None:
                 self.loader = iter(self.ori_loader)
-            batch = super().next()
-            if batch is not None:
-                self.grl_batches += 1
-            return batch
+            return super().next()
 
         def reset(self):
             pending = _take_pending(self)
@@ -1129,7 +1135,7 @@ def _resumable_train_classes():
             if pending and pending['rng'] is not None:
                 set_rng_state(pending['rng'])  # as right after the save, before the next batch
 
-    class ResumableCUDAPrefetcher(CUDAPrefetcher):
+    class ResumableCUDAPrefetcher(_Counting, CUDAPrefetcher):
         """``CUDAPrefetcher`` counting the batches of the epoch; resumes inside an epoch. It draws
         one batch ahead, so it keeps the RNG states from before that draw for the training state."""
 
@@ -1138,18 +1144,9 @@ def _resumable_train_classes():
             super().__init__(loader, opt)
             _RESUME['prefetcher'] = weakref.ref(self)
 
-        def grl_progress(self):
-            return _progress_of(self)
-
         def preload(self):
             self.grl_rng_before_prefetch = get_rng_state()
             return super().preload()
-
-        def next(self):
-            batch = super().next()
-            if batch is not None:
-                self.grl_batches += 1
-            return batch
 
         def reset(self):
             pending = _take_pending(self)
