@@ -211,20 +211,32 @@ def test_head_dim_padding_for_fused_kernels_changes_nothing(masked):
 
 @pytest.mark.parametrize("save_probs", [False, True])
 def test_region_mask_split_matches_reference_eval_and_training(save_probs, monkeypatch):
-    """A real shifted-window mask (4x4 windows of 4x4 pixels): only the last row and column of
+    """A real shifted-window mask (4x4 windows of 8x8 pixels): only the last row and column of
     windows mix regions; the fast path forms bias + mask for those 7 alone (and puts every
     window back in order) with the reference's results, forward and gradients."""
     from grl_plugin.layers.geometry import coords_table, mask_split, relative_index, window_mask
     monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
-    mask = window_mask((16, 16), 4, 2, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    mask = window_mask((32, 32), 8, 4, cpu)
     masked, plain, values = mask_split(mask)
     assert masked.tolist() == [3, 7, 11, 12, 13, 14, 15] and plain.numel() == 9
     assert torch.equal(values, mask[masked]) and not mask[plain].any()
     assert mask_split(mask)[0] is masked  # cached
+    n, d = 64, 4
+    assert plain.numel() * n * n > 16 * 2 * (n + n) * d  # the split pays off here (see _sdpa)
+    calls = []
+    real = attention_mod._sdpa
+
+    def spy(q, k, v, bias, mask, kernel):  # counts kernel calls per masked attention
+        n = []
+        out = real(q, k, v, bias, mask, lambda *a: (n.append(1), kernel(*a))[1])
+        calls.append(len(n))
+        return out
+    monkeypatch.setattr(attention_mod, "_sdpa", spy)
     torch.manual_seed(3)
     t = AffineTransform(2)
-    table, index = coords_table((4, 4), 1, torch.device("cpu")), relative_index((4, 4), 1, True, torch.device("cpu"))
-    q, k, v = (torch.randn(2 * 16, 2, 16, 8, requires_grad=True) for _ in range(3))
+    table, index = coords_table((8, 8), 1, cpu), relative_index((8, 8), 1, True, cpu)
+    q, k, v = (torch.randn(2 * 16, 2, n, d, requires_grad=True) for _ in range(3))
     with torch.no_grad():
         ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
         assert (cosine_attention(q, k, v, t, table, index, mask, impl="sdpa") - ref).abs().max() <= TOL
@@ -233,3 +245,5 @@ def test_region_mask_split_matches_reference_eval_and_training(save_probs, monke
              for impl in ("reference", "sdpa")]
     for a, b in zip(*grads):
         assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))
+    # two kernel calls (plain windows, mixed windows) in eval and in the lean training forward
+    assert calls == [2] * (1 if save_probs else 2)

@@ -276,10 +276,12 @@ def _sdpa(q, k, v, bias, mask, kernel):
     if not torch.compiler.is_compiling():
         from .geometry import mask_split
         masked, plain, values = mask_split(mask)
-        if plain.numel() and masked.numel():
-            groups = [(plain, None), (masked, values)]
-        elif plain.numel():
+        if not masked.numel():
             groups = [(None, None)]
+        # worth it where the bias + mask not written for the plain windows outweighs gathering
+        # q, k, v and scattering the output (large windows; not GRL's 8x8 ones)
+        elif plain.numel() * n1 * n2 > n_w * 2 * (n1 + n2) * q.shape[-1]:
+            groups = [(plain, None), (masked, values)]
     results = []
     for sel, m in groups:
         qs, ks, vs = (x.view(b, n_w, heads, *x.shape[2:]) for x in (q, k, v))
