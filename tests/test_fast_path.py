@@ -83,7 +83,7 @@ def test_network_train_step_fast_equals_reference():
 
 def test_bench_attention_quick_smoke():
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout.splitlines()
     headers = [i for i, ln in enumerate(out) if ln.startswith("| config")]
@@ -247,3 +247,25 @@ def test_region_mask_split_matches_reference_eval_and_training(save_probs, monke
         assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))
     # two kernel calls (plain windows, mixed windows) in eval and in the lean training forward
     assert calls == [2] * (1 if save_probs else 2)
+
+
+def test_eval_bias_cache_budget_and_release():
+    """The eval bias caches of all modules stay within the budget (modules beyond it recompute,
+    with the same values), and switching a module to training frees its entries."""
+    t1, table, index, _, _ = _attention_inputs(False, requires_grad=False)
+    t2 = AffineTransform(2)
+    one = 2 * index.numel() * 4  # (heads, N1, N2) float32
+    attention_mod.set_bias_cache(True, max_mib=1.5 * one / 2 ** 20)  # room for one entry
+    try:
+        with torch.no_grad():
+            b1, b2 = t1.position_bias(table, index), t2.position_bias(table, index)
+            assert t1.position_bias(table, index) is b1  # cached
+            assert t2.position_bias(table, index) is not b2  # over budget: recomputed...
+            assert torch.allclose(t2.position_bias(table, index), t2.position_bias_reference(table, index))
+            assert attention_mod.bias_cache_bytes() == one
+            t1.train()
+            assert attention_mod.bias_cache_bytes() == 0
+            t1.eval()
+            assert t2.position_bias(table, index) is t2.position_bias(table, index)  # ...until room
+    finally:
+        attention_mod.set_bias_cache(True, max_mib=512)

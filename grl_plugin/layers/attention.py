@@ -29,6 +29,7 @@ Two implementations give the same result:
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -38,19 +39,31 @@ from torch.utils.checkpoint import checkpoint
 
 ATTN_IMPLS = ("sdpa", "reference")
 _MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
-_BIAS_CACHE = {"enabled": True}
+_BIAS_CACHE = {"enabled": True, "max_bytes": 512 * 2 ** 20}
+_CACHING = weakref.WeakSet()  # the AffineTransforms holding cached biases
 _SAVE_PROBS = [None]  # None: automatic (see set_lean_backward)
 _CACHE_ENTRIES = 2  # geometries (input sizes) remembered per module
 
 
-def set_bias_cache(enabled: bool) -> None:
-    """Switch the eval-time position-bias cache on (default) or off for every module.
+def set_bias_cache(enabled: bool = True, max_mib: Optional[float] = None) -> None:
+    """Switch the eval-time position-bias cache on (default) or off, and set its budget.
 
-    The cache keeps one (heads, N1, N2) tensor per attention module and geometry, e.g.
-    ~24 MiB per GRL-T block at the SR settings; switch it off to trade that memory for
-    recomputing the bias at every forward.
+    The cache keeps one (heads, N1, N2) tensor per attention module and geometry (e.g. 24 MiB
+    per GRL-T block and 36 MiB per GRL-B block at the SR settings, a few KiB with 8x8 windows),
+    which saves recomputing and gathering the bias at every eval forward. All modules together
+    keep at most ``max_mib`` (default 512 MiB: all of GRL-T/S at the SR settings, about a third
+    of GRL-B's 1.4 GiB); the modules beyond the budget recompute theirs. ``enabled=False`` frees
+    nothing already cached (``model.train()`` or a training forward does).
     """
     _BIAS_CACHE["enabled"] = bool(enabled)
+    if max_mib is not None:
+        _BIAS_CACHE["max_bytes"] = int(max_mib * 2 ** 20)
+
+
+def bias_cache_bytes() -> int:
+    """Bytes held by the eval-time position-bias caches of all live modules."""
+    return sum(entry[3].numel() * entry[3].element_size()
+               for module in list(_CACHING) for entry in module._bias_cache.values())
 
 
 def set_lean_backward(enabled: Optional[bool] = None) -> None:
@@ -129,7 +142,9 @@ class AffineTransform(nn.Module):
         if cache:
             if len(self._bias_cache) >= _CACHE_ENTRIES:  # e.g. tiles of another size: drop the oldest
                 self._bias_cache.pop(next(iter(self._bias_cache)))
-            self._bias_cache[(id(table), id(index))] = (table, index, versions, bias)
+            if bias_cache_bytes() + bias.numel() * bias.element_size() <= _BIAS_CACHE["max_bytes"]:
+                self._bias_cache[(id(table), id(index))] = (table, index, versions, bias)
+                _CACHING.add(self)
         return bias
 
     def bias_values(self, table: torch.Tensor) -> torch.Tensor:
@@ -148,6 +163,11 @@ class AffineTransform(nn.Module):
         lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
         hidden = F.relu(F.linear(table.reshape(-1, 2).to(lin1.weight.dtype), lin1.weight, lin1.bias))  # (T, hidden)
         return 16 * torch.sigmoid(torch.mm(lin2.weight, hidden.t()))
+
+    def train(self, mode: bool = True):  # training: the eval-time biases go stale with the next step
+        if mode:
+            self._bias_cache = {}
+        return super().train(mode)
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): cached biases are stale
         self._bias_cache = {}
