@@ -236,13 +236,13 @@ class _LeanAttention(torch.autograd.Function):
     Takes the position bias as its (heads, T) table values and the (N1, N2) index and gathers
     it itself. The forward is the fused CPU kernel (no N1 x N2 tensor written), which also
     gives every row's log-sum-exp; it saves q, k, v, the output, that (N1-sized) log-sum-exp
-    and the small table values. The backward gathers the bias again, recomputes the
-    probabilities P = exp(q k^T + bias + mask - lse) (one matrix product and three elementwise
-    passes) and forms the logits' gradient in place: dS = P * (dO v^T - rowsum(dO * O)); the
-    bias gradient goes back to the table cells with one ``index_add_``. Between forward and
-    backward nothing of size N1 x N2 is kept. With ``save_probs`` (or where the fused kernel
-    is missing) the forward computes P explicitly and keeps it instead (faster backward, more
-    memory).
+    and the gathered bias (one (heads, N1, N2) tensor per module, shared by all windows). The
+    backward recomputes the probabilities P = exp(q k^T + bias + mask - lse) (one matrix
+    product and three elementwise passes) and forms the logits' gradient in place:
+    dS = P * (dO v^T - rowsum(dO * O)); the bias gradient goes back to the table cells with one
+    ``index_add_``. Between forward and backward no per-window N1 x N2 tensor is kept.
+    With ``save_probs`` (or where the fused kernel is missing) the forward computes P
+    explicitly and keeps it instead (faster backward, more memory).
     """
 
     @staticmethod
@@ -257,15 +257,16 @@ class _LeanAttention(torch.autograd.Function):
         if save_probs:
             p = _softmax_(_logits_(q, k, bias, mask))
             out = torch.matmul(p, v)
-        ctx.save_for_backward(q, k, v, values, index, mask, out, p, lse)
+        ctx.n_values = values.shape[1]
+        ctx.save_for_backward(q, k, v, bias, index, mask, out, p, lse)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, values, index, mask, out, p, lse = ctx.saved_tensors
+        q, k, v, bias, index, mask, out, p, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
         if p is None:
-            p = _softmax_(_logits_(q, k, _gather_bias(values, index), mask), lse)
+            p = _softmax_(_logits_(q, k, bias, mask), lse)
         d_v = torch.matmul(p.transpose(-2, -1), d_out) if ctx.needs_input_grad[2] else None
         ds = torch.matmul(d_out, v.transpose(-2, -1))
         ds.sub_((d_out * out).sum(-1, keepdim=True)).mul_(p)
@@ -274,8 +275,8 @@ class _LeanAttention(torch.autograd.Function):
         d_k = torch.matmul(ds.transpose(-2, -1), q) if ctx.needs_input_grad[1] else None
         d_values = None
         if ctx.needs_input_grad[3]:
-            d_bias = ds.view(-1, values.shape[0], index.numel()).sum(0)
-            d_values = torch.zeros_like(values).index_add_(1, index.reshape(-1), d_bias)
+            d_bias = ds.view(-1, bias.shape[0], index.numel()).sum(0)
+            d_values = d_bias.new_zeros(bias.shape[0], ctx.n_values).index_add_(1, index.reshape(-1), d_bias)
         return d_q, d_k, d_v, d_values, None, None, None
 
 
