@@ -356,6 +356,31 @@ def finetune_train(d: Doc, ckpt: str, why: str) -> None:
     d.blank()
 
 
+def train_sections(d: Doc, rel: str, finetune: bool, ckpt: str, *, lr: float, ft_lr: float, scratch: tuple,
+                   fine: tuple, loss, base: bool, tile, entries, val_note: str = '',
+                   why: str = 'Geometry above = the released model\'s.') -> None:
+    """Everything after ``network_g`` in a train file (path, train, val, logger), then write it.
+
+    ``scratch`` / ``fine``: ``(args, kwargs)`` of :func:`schedule` for training from scratch and
+    for fine-tuning the released checkpoint ``ckpt``.
+    """
+    if finetune:
+        finetune_train(d, ckpt, why)
+    else:
+        paths_train(d)
+    d.kv(0, 'train')
+    d.kv(2, 'ema_decay', 0, 'the official runs keep no EMA copy')
+    optimizer(d, 'optim_g', 'AdamW', ft_lr if finetune else lr, 1e-4, [0.9, 0.999])
+    args, kwargs = fine if finetune else scratch
+    schedule(d, *args, **kwargs)
+    loss(d)
+    extras(d, base)
+    d.blank()
+    val_train(d, tile, entries, note=val_note)
+    logger_dist(d)
+    emit(rel, d)
+
+
 def rgb_metrics(y_too: bool, crop: int = 0, official_ssim: bool = False):
     out = [('psnr', 'calculate_psnr', crop, False, 'RGB PSNR (the number reported in the paper)'),
            ('ssim', 'calculate_ssim', crop, False, "BasicSR's SSIM (MATLAB-style, valid region)")]
@@ -442,25 +467,14 @@ def sr_train_file(size: str, scale: int, finetune: bool = False) -> None:
         d.comment('The released base SR models were evaluated with anchor_window_down_factor 2 (official\n'
                   'test commands), presumably fine-tuned with it; the experiment file trains with 4.', 2)
     d.blank()
-    if finetune:
-        finetune_train(d, ckpt, 'Geometry above = the released model\'s (window 32, stripes 64x64, df 4).')
-    else:
-        paths_train(d)
-    d.kv(0, 'train')
-    d.kv(2, 'ema_decay', 0, 'the official runs keep no EMA copy')
-    optimizer(d, 'optim_g', 'AdamW', 2e-5 if finetune else SR['lr'], 1e-4, [0.9, 0.999])
-    if finetune:
-        schedule(d, [25000, 40000], 50000, milestone_note='official from scratch: lr 1e-4, 225k iterations')
-    else:
-        schedule(d, SR['milestones'], SR['total'])
-    l1(d)
-    extras(d, size == 'B')
-    d.blank()
-    val_train(d, (640, 32, 'official validation tiles (640 / 32); 0: whole image'),
-              [('psnr', 'calculate_psnr', scale, True, 'PSNR on Y, border of `scale` pixels removed'),
-               ('ssim', 'calculate_ssim', scale, True, None)])
-    logger_dist(d)
-    emit(rel, d)
+    train_sections(d, rel, finetune, ckpt, lr=SR['lr'], ft_lr=2e-5,
+                   scratch=((SR['milestones'], SR['total']), {}),
+                   fine=(([25000, 40000], 50000),
+                         dict(milestone_note='official from scratch: lr 1e-4, 225k iterations')),
+                   loss=l1, base=size == 'B', tile=(640, 32, 'official validation tiles (640 / 32); 0: whole image'),
+                   entries=[('psnr', 'calculate_psnr', scale, True, 'PSNR on Y, border of `scale` pixels removed'),
+                            ('ssim', 'calculate_ssim', scale, True, None)],
+                   why='Geometry above = the released model\'s (window 32, stripes 64x64, df 4).')
 
 
 def sr_test_file(size: str, scale: int) -> None:
@@ -554,29 +568,17 @@ def dn_train_file(size: str, mode: str, sigma: int, finetune: bool = False) -> N
     d.blank()
     network(d, size, upscale=1, upsampler='', in_ch=3 if color else 1, window=DN['window'],
             stripes=DN['stripes'], df=DN['df'], geometry_note='DN experiment geometry',
-            source=f'task_configs.json tiny@dn' if size == 'T' else 'DN experiment overrides')
+            source='task_configs.json tiny@dn' if size == 'T' else 'DN experiment overrides')
     if size == 'B':
         d.comment('The released base denoisers were evaluated with window 32 and df 2 (official test\n'
                   'commands; the experiment file trains with window 16, df 4).', 2)
     d.blank()
-    if finetune:
-        finetune_train(d, ckpt, 'Geometry above = the released model\'s.')
-    else:
-        paths_train(d)
-    d.kv(0, 'train')
-    d.kv(2, 'ema_decay', 0, 'the official runs keep no EMA copy')
-    optimizer(d, 'optim_g', 'AdamW', 2e-5 if finetune else DN['lr'], 1e-4, [0.9, 0.999])
-    if finetune:
-        schedule(d, [25000, 40000], 50000, milestone_note='official from scratch: lr 1e-4, 225k iterations')
-    else:
-        schedule(d, DN['milestones'], DN['total'])
-    l1(d)
-    extras(d, size == 'B')
-    d.blank()
-    val_train(d, (0, 32, 'the official config validates whole images'),
-              rgb_metrics(True) if color else gray_metrics())
-    logger_dist(d)
-    emit(rel, d)
+    train_sections(d, rel, finetune, ckpt, lr=DN['lr'], ft_lr=2e-5,
+                   scratch=((DN['milestones'], DN['total']), {}),
+                   fine=(([25000, 40000], 50000),
+                         dict(milestone_note='official from scratch: lr 1e-4, 225k iterations')),
+                   loss=l1, base=size == 'B', tile=(0, 32, 'the official config validates whole images'),
+                   entries=rgb_metrics(True) if color else gray_metrics())
 
 
 def dn_test_file(size: str, mode: str, sigma: int) -> None:
@@ -672,24 +674,12 @@ def jpeg_train_file(mode: str, q: int, finetune: bool = False) -> None:
             stripes=JPEG['stripes'], df=JPEG['df'], geometry_note='JPEG experiment geometry',
             source='task_configs.json small@jpeg')
     d.blank()
-    if finetune:
-        finetune_train(d, ckpt, 'Geometry above = the released model\'s.')
-    else:
-        paths_train(d)
-    d.kv(0, 'train')
-    d.kv(2, 'ema_decay', 0, 'the official runs keep no EMA copy')
-    optimizer(d, 'optim_g', 'AdamW', 2e-5 if finetune else JPEG['lr'], 1e-4, [0.9, 0.999])
-    if finetune:
-        schedule(d, [25000, 40000], 50000, milestone_note='official from scratch: lr 1e-4, 175k iterations')
-    else:
-        schedule(d, JPEG['milestones'], JPEG['total'])
-    charbonnier(d)
-    extras(d, False)
-    d.blank()
-    val_train(d, (576, 72, 'official validation tiles 576 / 72'),
-              rgb_metrics(True) if color else gray_metrics())
-    logger_dist(d)
-    emit(rel, d)
+    train_sections(d, rel, finetune, ckpt, lr=JPEG['lr'], ft_lr=2e-5,
+                   scratch=((JPEG['milestones'], JPEG['total']), {}),
+                   fine=(([25000, 40000], 50000),
+                         dict(milestone_note='official from scratch: lr 1e-4, 175k iterations')),
+                   loss=charbonnier, base=False, tile=(576, 72, 'official validation tiles 576 / 72'),
+                   entries=rgb_metrics(True) if color else gray_metrics())
 
 
 def jpeg_test_file(mode: str, q: int) -> None:
@@ -775,24 +765,14 @@ def dm_train_file(finetune: bool = False) -> None:
     network(d, 'S', upscale=1, upsampler='', in_ch=3, window=DM['window'], stripes=DM['stripes'], df=DM['df'],
             geometry_note='DM experiment geometry', source='task_configs.json small@dm')
     d.blank()
-    if finetune:
-        finetune_train(d, ckpt, 'Geometry above = the released model\'s.')
-    else:
-        paths_train(d)
-    d.kv(0, 'train')
-    d.kv(2, 'ema_decay', 0, 'the official runs keep no EMA copy')
-    optimizer(d, 'optim_g', 'AdamW', 4e-5 if finetune else DM['lr'], 1e-4, [0.9, 0.999])
-    if finetune:
-        schedule(d, [25000, 40000], 50000, -1, milestone_note='official from scratch: lr 2e-4, 1M iterations')
-    else:
-        schedule(d, DM['milestones'], DM['total'], 50000,
-                 warmup_note='linear warm-up (BasicSR: from 0; official: from 1e-5)')
-    charbonnier(d)
-    extras(d, False)
-    d.blank()
-    val_train(d, None, rgb_metrics(True), note='The official config validates whole images (no tiles).')
-    logger_dist(d)
-    emit(rel, d)
+    train_sections(d, rel, finetune, ckpt, lr=DM['lr'], ft_lr=4e-5,
+                   scratch=((DM['milestones'], DM['total'], 50000),
+                            dict(warmup_note='linear warm-up (BasicSR: from 0; official: from 1e-5)')),
+                   fine=(([25000, 40000], 50000, -1),
+                         dict(milestone_note='official from scratch: lr 2e-4, 1M iterations')),
+                   loss=charbonnier, base=False, tile=None,
+                   entries=rgb_metrics(True),
+                   val_note='The official config validates whole images (no tiles).')
 
 
 def dm_test_file() -> None:
@@ -873,23 +853,12 @@ def motion_train_file(data: str, finetune: bool = False) -> None:
     network(d, 'B', upscale=1, upsampler='', in_ch=3, window=MOTION['window'], stripes=MOTION['stripes'],
             df=MOTION['df'], geometry_note='motion deblurring geometry', source='task_configs.json base@db_motion')
     d.blank()
-    if finetune:
-        finetune_train(d, ckpt, 'Geometry above = the released model\'s.')
-    else:
-        paths_train(d)
-    d.kv(0, 'train')
-    d.kv(2, 'ema_decay', 0, 'the official runs keep no EMA copy')
-    optimizer(d, 'optim_g', 'AdamW', 5e-6 if finetune else MOTION['lr'], 1e-4, [0.9, 0.999])
-    if finetune:
-        schedule(d, [10000, 15000], 20000, milestone_note='official: lr 1e-5, 40k iterations')
-    else:
-        schedule(d, MOTION['milestones'], MOTION['total'], milestone_note='official; never reached in 40k')
-    charbonnier(d)
-    extras(d, True)
-    d.blank()
-    val_train(d, (480, 48, 'official validation tiles 480 / 48'), rgb_metrics(True))
-    logger_dist(d)
-    emit(rel, d)
+    train_sections(d, rel, finetune, ckpt, lr=MOTION['lr'], ft_lr=5e-6,
+                   scratch=((MOTION['milestones'], MOTION['total']),
+                            dict(milestone_note='official; never reached in 40k')),
+                   fine=(([10000, 15000], 20000), dict(milestone_note='official: lr 1e-5, 40k iterations')),
+                   loss=charbonnier, base=True, tile=(480, 48, 'official validation tiles 480 / 48'),
+                   entries=rgb_metrics(True))
 
 
 def motion_test_file(data: str) -> None:
@@ -991,23 +960,11 @@ def defocus_train_file(mode: str, finetune: bool = False) -> None:
             out_ch=None if mode == 'single' else 3, source='task_configs.json base@db_defocus'
             + ('' if mode == 'single' else ' + 6 input channels'))
     d.blank()
-    if finetune:
-        finetune_train(d, ckpt, 'Geometry above = the released model\'s.')
-    else:
-        paths_train(d)
-    d.kv(0, 'train')
-    d.kv(2, 'ema_decay', 0, 'the official runs keep no EMA copy')
-    optimizer(d, 'optim_g', 'AdamW', 1e-5 if finetune else DEFOCUS['lr'], 1e-4, [0.9, 0.999])
-    if finetune:
-        schedule(d, [10000, 15000], 20000, milestone_note='official: lr 5e-5, 80k iterations')
-    else:
-        schedule(d, DEFOCUS['milestones'], DEFOCUS['total'])
-    charbonnier(d)
-    extras(d, True)
-    d.blank()
-    val_train(d, (480, 48, 'official validation tiles 480 / 48'), rgb_metrics(True))
-    logger_dist(d)
-    emit(rel, d)
+    train_sections(d, rel, finetune, ckpt, lr=DEFOCUS['lr'], ft_lr=1e-5,
+                   scratch=((DEFOCUS['milestones'], DEFOCUS['total']), {}),
+                   fine=(([10000, 15000], 20000), dict(milestone_note='official: lr 5e-5, 80k iterations')),
+                   loss=charbonnier, base=True, tile=(480, 48, 'official validation tiles 480 / 48'),
+                   entries=rgb_metrics(True))
 
 
 def defocus_test_file(mode: str) -> None:
