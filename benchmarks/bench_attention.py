@@ -189,7 +189,7 @@ def format_table(rows) -> str:
             "fwd fast/ref | train official (s) | train reference (s) | train fast (s) | train fast/off | "
             "train fast/ref | " + "".join(f"train {v}/ref | " for v in variants) +
             "max abs diff fast-ref | max abs diff fast-off | load |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    lines = [head, _rule(head)]
     for r in rows:
         f, t = r["fwd"], r["train"]
         lines.append(
@@ -203,7 +203,8 @@ def format_table(rows) -> str:
         impls = list(IMPLS) + variants
         head = ("| config | input | +peak MiB fwd " + "/".join(IMPLS) + " | +peak MiB train " + "/".join(impls) +
                 " | train fast/ref | " + "".join(f"train {v}/ref | " for v in variants))
-        lines += ["", head, "|" + "---|" * head.count(" | ") + "---|"]
+        head = head.rstrip()
+        lines += ["", head, _rule(head)]
         for r in rows:
             mem = r.get("mem")
             if not mem:
@@ -212,8 +213,13 @@ def format_table(rows) -> str:
             lines.append(
                 f"| {r['config']} | {r['size']}x{r['size']} | " + "/".join(f"{mem[k]['fwd']:.0f}" for k in IMPLS) +
                 " | " + "/".join(f"{mem[k]['train']:.0f}" for k in impls) + f" | {mem['fast']['train'] / ref:.2f} | " +
-                "".join(f"{mem[v]['train'] / ref:.2f} | " for v in variants))
+                "".join(f"{mem[v]['train'] / ref:.2f} | " for v in variants).rstrip())
     return "\n".join(lines)
+
+
+def _rule(head: str) -> str:
+    """The markdown separator line under a header row."""
+    return "|" + "---|" * (head.count("|") - 1)
 
 
 def main(argv=None) -> int:

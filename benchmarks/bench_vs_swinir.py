@@ -18,7 +18,8 @@ round (GRL and SwinIR alternate which goes first) together with a large fp32 ``t
 (``--mm-size``, default 2048): eval forward latency (``no_grad``), training-step latency
 (train-mode forward + L1 + backward, no optimizer step), medians over ``--repeats`` rounds.
 FLOPs of one eval forward come from ``torch.utils.flop_counter.FlopCounterMode`` (counted once,
-untimed; a multiply-add = 2 FLOPs, as for the mm's 2 n^3); achieved GFLOP/s = FLOPs / eval
+untimed; a multiply-add = 2 FLOPs, as for the mm's 2 n^3; the fused CPU attention kernel, for
+which torch has no formula, is counted as its two matmuls); achieved GFLOP/s = FLOPs / eval
 median, also as a percentage of the measured mm rate. Peak memory: growth of the peak RSS
 (``VmHWM``) of a fresh subprocess per (model, size, network) over its RSS after imports + build,
 after one eval forward and after one training step.
@@ -173,9 +174,21 @@ def _train_step(torch, model, x, target, seed=0):
 
 
 def _count_flops(torch, model, x) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one eval forward (after the one in ``measure``: GRL's position biases are cached,
+    as in the timed forwards). torch's counter has no formula for the fused CPU attention kernel
+    that ``F.scaled_dot_product_attention`` runs on CPU (it would count GRL's attention as 0), so
+    it is given the one torch uses for the other SDPA kernels (q @ k^T and p @ v)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    mapping = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        mapping[op] = cpu_flash
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with torch.no_grad(), counter:
         model(x)
     return int(counter.get_total_flops())

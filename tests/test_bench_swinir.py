@@ -91,3 +91,31 @@ def test_quick_json(quick_run):
         assert "error" not in row["mem"][arch], row["mem"][arch]
         assert math.isfinite(row["mem"][arch]["train"]) and row["mem"][arch]["train"] > 0
     assert row["mm_gflops_per_s"] > 0
+
+
+def test_flop_count_includes_fused_attention():
+    """The fused CPU attention kernel has no formula in torch's counter; the benchmark's count of
+    the fast path must equal the explicit-matmul reference path's (bias cache off, so both run
+    the position-bias MLP every forward)."""
+    import importlib.util
+
+    import torch
+
+    import grl_plugin
+    from grl_plugin.layers import set_bias_cache
+
+    spec = importlib.util.spec_from_file_location("bench_vs_swinir_under_test", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = grl_plugin.GRL(upscale=2, embed_dim=16, depths=[2], num_heads_window=[2], num_heads_stripe=[2],
+                           window_size=8, stripe_size=[16, 16], anchor_window_down_factor=2,
+                           upsampler="pixelshuffledirect").eval()
+    x = torch.rand(1, 3, 20, 24)
+    set_bias_cache(False)
+    try:
+        fast = bench._count_flops(torch, model, x)
+        model.set_attn_impl("reference")
+        reference = bench._count_flops(torch, model, x)
+    finally:
+        set_bias_cache(True)
+    assert fast == reference > 0
