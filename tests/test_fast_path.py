@@ -35,6 +35,47 @@ def test_position_bias_gather_matches_advanced_indexing_with_grads():
         assert (a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max()))
 
 
+def test_cpb_mlp_function_gradcheck_and_frozen_parts():
+    """The hand-written MLP backward (hidden layer recomputed) against autograd, float64."""
+    torch.manual_seed(5)
+    t = torch.randn(30, 2, dtype=torch.float64)
+    w1, b1 = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    w2 = torch.randn(3, 16, dtype=torch.float64)
+    params = [x.requires_grad_() for x in (w1, b1, w2)]
+    assert torch.autograd.gradcheck(lambda *p: attention_mod._CpbMlp.apply(t, *p), params)
+    # only some parts trainable: the others get no gradient, the rest the same as autograd's
+    w1.requires_grad_(False)
+    out = attention_mod._CpbMlp.apply(t, w1, b1, w2)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), [b1, w2])
+    ref = torch.autograd.grad((torch.mm(w2, torch.relu(t @ w1.t() + b1).t()) * g).sum(), [b1, w2])
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b)
+
+
+def test_bias_values_training_paths_agree():
+    """Training bias values: the MLP Function (fp32) and the checkpoint path (autocast) give the
+    eval values and the same parameter gradients as plain autograd through ``cpb_mlp``."""
+    torch.manual_seed(6)
+    t = AffineTransform(2)
+    table = torch.randn(1, 9, 9, 2)
+    with torch.no_grad():
+        expected = t.bias_values(table)
+    values = t.bias_values(table)
+    assert values.grad_fn is not None and torch.allclose(values, expected)
+    g = torch.randn_like(values)
+    params = list(t.cpb_mlp.parameters())
+    got = torch.autograd.grad((values * g).sum(), params)
+    plain = (16 * torch.sigmoid(t.cpb_mlp(table.reshape(-1, 2)))).t()
+    ref = torch.autograd.grad((plain * g).sum(), params)
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = t.bias_values(table)
+    assert low.grad_fn is not None and (low.float() - expected).abs().max() < 0.5
+    assert all(p.abs().sum() > 0 for p in torch.autograd.grad(low.float().sum(), params))
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_cosine_attention_fast_grads_match_reference(masked):
     torch.manual_seed(1)
