@@ -212,8 +212,8 @@ def format_table(rows) -> str:
             ref = mem["reference"]["train"]
             lines.append(
                 f"| {r['config']} | {r['size']}x{r['size']} | " + "/".join(f"{mem[k]['fwd']:.0f}" for k in IMPLS) +
-                " | " + "/".join(f"{mem[k]['train']:.0f}" for k in impls) + f" | {mem['fast']['train'] / ref:.2f} | " +
-                "".join(f"{mem[v]['train'] / ref:.2f} | " for v in variants).rstrip())
+                (" | " + "/".join(f"{mem[k]['train']:.0f}" for k in impls) + f" | {mem['fast']['train'] / ref:.2f} | " +
+                 "".join(f"{mem[v]['train'] / ref:.2f} | " for v in variants)).rstrip())
     return "\n".join(lines)
 
 
