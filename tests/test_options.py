@@ -376,7 +376,7 @@ def tiny_options(task: str, data, workdir: Path, pretrain=None) -> Path:
         opt['network_d']['num_feat'] = 8
     tr, va = opt['datasets']['train'], opt['datasets']['val']
     tr.update(batch_size_per_gpu=1, num_worker_per_gpu=0, dataset_enlarge_ratio=1, prefetch_mode=None)
-    gt_lmdb, gt_png, val_png = data['gt']['gt'], str(base / 'gt_GT_png'), str(base / 'val_GT_png')
+    gt_lmdb, val_png = data['gt']['gt'], str(base / 'val_GT_png')
     if task == 'sr':
         tr.update(dataroot_gt=data['sr']['gt'], dataroot_lq=data['sr']['lq'], gt_size=128)  # LR patch 32
         va.update(dataroot_gt=str(base / 'srval_GT_png'), dataroot_lq=str(base / 'srval_LQx4_png'))

@@ -39,7 +39,6 @@ each is ``None`` when its weight is 0 (or the loss is disabled). The VGG is froz
 (``requires_grad=False``) and always in eval mode.
 """
 import os
-from collections import OrderedDict
 
 import torch
 from torch import nn
