@@ -43,6 +43,8 @@ _BIAS_CACHE = {"enabled": True, "max_bytes": 512 * 2 ** 20}
 _CACHING = weakref.WeakSet()  # the AffineTransforms holding cached biases
 _SAVE_PROBS = [None]  # None: automatic (see set_lean_backward)
 _CACHE_ENTRIES = 2  # geometries (input sizes) remembered per module
+# the fused CPU kernel behind SDPA, called directly for its row log-sum-exp (None if absent)
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def set_bias_cache(enabled: bool = True, max_mib: Optional[float] = None) -> None:
@@ -160,15 +162,16 @@ class AffineTransform(nn.Module):
                 self._bias_cache = {}
             if torch.is_autocast_enabled(table.device.type):
                 return checkpoint(self._bias_values, table, use_reentrant=False)
-            lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
-            t = table.reshape(-1, 2).to(lin1.weight.dtype)
-            return 16 * torch.sigmoid(_CpbMlp.apply(t, lin1.weight, lin1.bias, lin2.weight))
+            return 16 * torch.sigmoid(_CpbMlp.apply(*self._mlp_inputs(table)))
         return self._bias_values(table)
 
-    def _bias_values(self, table: torch.Tensor) -> torch.Tensor:
+    def _mlp_inputs(self, table: torch.Tensor):
+        """(t (T, 2), w1, b1, w2) for :func:`_cpb_mlp` / :class:`_CpbMlp`."""
         lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
-        hidden = F.relu(F.linear(table.reshape(-1, 2).to(lin1.weight.dtype), lin1.weight, lin1.bias))  # (T, hidden)
-        return 16 * torch.sigmoid(torch.mm(lin2.weight, hidden.t()))
+        return table.reshape(-1, 2).to(lin1.weight.dtype), lin1.weight, lin1.bias, lin2.weight
+
+    def _bias_values(self, table: torch.Tensor) -> torch.Tensor:
+        return 16 * torch.sigmoid(_cpb_mlp(*self._mlp_inputs(table)))
 
     def train(self, mode: bool = True):  # training: the eval-time biases go stale with the next step
         if mode:
@@ -181,20 +184,30 @@ class AffineTransform(nn.Module):
 
 
 
+def _cpb_hidden(t: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+    """The CPB MLP's hidden layer relu(t @ w1^T + b1): (T, hidden)."""
+    return torch.addmm(b1, t, w1.t()).relu_()
+
+
+def _cpb_mlp(t, w1, b1, w2) -> torch.Tensor:
+    """The CPB MLP head-major: ``w2 @ relu(t @ w1^T + b1)^T`` -> (heads, T). ``t``: (T, 2) table;
+    ``w1``, ``b1``, ``w2``: its ``Linear(2, hidden)`` and ``Linear(hidden, heads, bias=False)``."""
+    return torch.mm(w2, _cpb_hidden(t, w1, b1).t())
+
+
 class _CpbMlp(torch.autograd.Function):
-    """``w2 @ relu(t @ w1^T + b1)^T`` -> (heads, T), keeping only its inputs for the backward,
-    which recomputes the (T, hidden) layer. ``t``: (T, 2) table (no gradient); ``w1``, ``b1``,
-    ``w2``: the CPB MLP's ``Linear(2, hidden)`` and ``Linear(hidden, heads, bias=False)``."""
+    """:func:`_cpb_mlp` keeping only its inputs for the backward, which recomputes the
+    (T, hidden) layer (``t`` gets no gradient)."""
 
     @staticmethod
     def forward(ctx, t, w1, b1, w2):
         ctx.save_for_backward(t, w1, b1, w2)
-        return torch.mm(w2, torch.addmm(b1, t, w1.t()).relu_().t())
+        return _cpb_mlp(t, w1, b1, w2)
 
     @staticmethod
     def backward(ctx, grad):
         t, w1, b1, w2 = ctx.saved_tensors
-        hidden = torch.addmm(b1, t, w1.t()).relu_()
+        hidden = _cpb_hidden(t, w1, b1)
         d_w2 = torch.mm(grad, hidden) if ctx.needs_input_grad[3] else None
         d_w1 = d_b1 = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
@@ -270,20 +283,20 @@ class _LeanAttention(torch.autograd.Function):
     product and three elementwise passes) and forms the logits' gradient in place:
     dS = P * (dO v^T - rowsum(dO * O)); the bias gradient goes back to the table cells with one
     ``index_add_``. Between forward and backward no per-window N1 x N2 tensor is kept.
-    With ``save_probs`` (or where the fused kernel is missing) the forward computes P
-    explicitly and keeps it instead (faster backward, more memory).
+    With ``save_probs`` (or where the fused kernel is missing, or v's head dim differs from
+    q's, which it does not take) the forward computes P explicitly and keeps it instead
+    (faster backward, more memory).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, values, index, mask, save_probs):
         bias = _gather_bias(values, index)
         p = lse = None
-        if not save_probs:
-            try:  # detached: the kernel takes no mask that needs a gradient
-                out, lse = _fused_with_lse(q, k, v, bias.detach(), mask)
-            except (AttributeError, RuntimeError, NotImplementedError):  # no fused CPU kernel here
-                save_probs = True
-        if save_probs:
+        # the fused kernel (absent from older torch) needs one head dim for q, k and v
+        save_probs = save_probs or _FLASH_CPU is None or q.shape[-1] != v.shape[-1]
+        if not save_probs:  # detached: the kernel takes no mask that needs a gradient
+            out, lse = _fused_with_lse(q, k, v, bias.detach(), mask)
+        else:
             p = _softmax_(_logits_(q, k, bias, mask))
             out = torch.matmul(p, v)
         ctx.n_values = values.shape[1]
@@ -384,8 +397,8 @@ def _fused(q, k, v, bias, mask, head_multiple: Optional[int] = None):
 def _fused_with_lse(q, k, v, bias, mask):
     """The fused CPU kernel behind SDPA, which also returns the rows' log-sum-exp:
     (output (B*nW, heads, N1, dv), lse (B*nW, heads, N1))."""
-    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return _sdpa(q, k, v, bias, mask, lambda qs, ks, vs, m: kernel(qs, ks, vs, 0.0, False, attn_mask=m, scale=1.0))
+    return _sdpa(q, k, v, bias, mask,
+                 lambda qs, ks, vs, m: _FLASH_CPU(qs, ks, vs, 0.0, False, attn_mask=m, scale=1.0))
 
 
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transform: AffineTransform,
