@@ -143,10 +143,10 @@ def test_bench_attention_quick_smoke():
     assert re.fullmatch(r"[\d.]+", row["fwd fast/ref"])
 
 
-def _attention_inputs(masked, requires_grad=True, seed=1):
+def _attention_inputs(masked, requires_grad=True, seed=1, n2=8):
     torch.manual_seed(seed)
     t = AffineTransform(2)
-    n_w, n1, n2 = 3, 16, 8
+    n_w, n1 = 3, 16
     table = torch.randn(1, 5, 5, 2)
     index = torch.randint(0, 25, (n1, n2))
     mask = (torch.rand(n_w, n1, n2) > 0.7).float() * -100 if masked else None
@@ -198,12 +198,62 @@ def test_eval_bias_cache_reused_and_invalidated_by_weight_changes():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_eval_path_matches_reference(masked):
-    t, table, index, mask, (q, k, v) = _attention_inputs(masked, requires_grad=False)
+@pytest.mark.parametrize("n2", [8, 40])
+def test_fused_eval_path_matches_reference(masked, n2, monkeypatch):
+    """Eval: with few keys (8, GRL's anchors at 8x8 windows) explicit logits + softmax, with
+    more (40) the fused kernel; both give the reference's result."""
+    fused_calls = []
+    real = attention_mod._fused
+    monkeypatch.setattr(attention_mod, "_fused", lambda *a, **kw: (fused_calls.append(1), real(*a, **kw))[1])
+    t, table, index, mask, (q, k, v) = _attention_inputs(masked, requires_grad=False, n2=n2)
     with torch.no_grad():
         ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
         fast = cosine_attention(q, k, v, t, table, index, mask, impl="sdpa")
     assert (ref - fast).abs().max() <= TOL
+    assert len(fused_calls) == (n2 >= attention_mod._CPU_FUSED_MIN_KEYS)
+
+
+@pytest.mark.parametrize("size,part,shift", [((16, 24), (8, 8), (4, 4)), ((16, 24), (4, 12), (0, 6)),
+                                             ((8, 8), (8, 8), (0, 0)), ((12, 8), (6, 2), (3, 1))])
+def test_partition_order_is_roll_then_partition(size, part, shift):
+    """The fast path's token gather equals the official roll + window partition cell by cell,
+    and its inverse equals window reverse + roll back."""
+    from grl_plugin.layers.geometry import partition_order
+    from grl_plugin.layers.window_attn import window_partition, window_reverse
+    order, inverse = partition_order(size, part, shift, torch.device("cpu"))
+    x = torch.randn(2, size[0], size[1], 3)
+    rolled = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    windows = window_partition(rolled, part)  # (2 nW, N, 3)
+    gathered = x.reshape(2, -1, 3).index_select(1, order)
+    assert torch.equal(gathered.view_as(windows), windows)
+    back = torch.roll(window_reverse(windows, part, size), shifts=shift, dims=(1, 2))
+    assert torch.equal(gathered.index_select(1, inverse).view_as(x), back) and torch.equal(back, x)
+
+
+def test_permute_tokens_backward_is_the_inverse_gather():
+    from grl_plugin.layers.geometry import partition_order
+    from grl_plugin.layers.window_attn import permute_tokens
+    order, inverse = partition_order((8, 12), (4, 4), (2, 2), torch.device("cpu"))
+    x = torch.randn(2, 96, 5, requires_grad=True)
+    w = torch.randn(2, 96, 5)
+    g_fast, = torch.autograd.grad((permute_tokens(x, order, inverse) * w).sum(), x)
+    g_ref, = torch.autograd.grad((x[:, order] * w).sum(), x)
+    assert torch.equal(g_fast, g_ref)
+    with torch.no_grad():  # written into a strided half of a wider buffer
+        buf = torch.zeros(2, 96, 10)
+        permute_tokens(x, order, inverse, out=buf[..., 5:])
+        assert torch.equal(buf[..., 5:], x[:, order]) and not buf[..., :5].any()
+
+
+def test_qkv_halves_equal_the_projection_split():
+    from grl_plugin.layers.block import QKVProjection
+    torch.manual_seed(0)
+    proj = QKVProjection(12)
+    x = torch.randn(2, 7, 12)
+    full = proj(x)
+    w_half, s_half = proj.halves(x)
+    assert w_half.is_contiguous() and s_half.is_contiguous()
+    assert torch.allclose(torch.cat([w_half, s_half], -1), full, atol=1e-6)
 
 
 def test_automatic_backward_keeps_probabilities_only_when_small(monkeypatch):

@@ -14,7 +14,9 @@ Two implementations give the same result:
 ``"sdpa"`` (default)
     the logit scale is folded into the normalised queries and bias + mask form one additive
     mask. Without autograd it calls ``F.scaled_dot_product_attention`` (a fused kernel on CPU
-    and CUDA: no N1 x N2 logits written to memory). With autograd on CUDA it also calls SDPA;
+    and CUDA: no N1 x N2 logits written to memory), except on CPU with fewer than
+    ``_CPU_FUSED_MIN_KEYS`` keys per query (GRL's 8 anchors per stripe at 8x8 windows), where
+    explicit logits and an in-place softmax take a quarter of the fused kernel's time. With autograd on CUDA it also calls SDPA;
     on CPU, where SDPA's backward would run its unfused math kernel (and gives no gradient for
     the position bias), :class:`_LeanAttention` runs the fused forward and a hand-written
     backward that recomputes the probabilities instead of keeping an N1 x N2 tensor between
@@ -43,6 +45,11 @@ _BIAS_CACHE = {"enabled": True, "max_bytes": 512 * 2 ** 20}
 _CACHING = weakref.WeakSet()  # the AffineTransforms holding cached biases
 _SAVE_PROBS = [None]  # None: automatic (see set_lean_backward)
 _CACHE_ENTRIES = 2  # geometries (input sizes) remembered per module
+_EPS = 1e-12  # F.normalize's default
+# Below this many keys per query the fused CPU kernel is slower than explicit logits + softmax
+# (measured, float32, 2 threads: ~0.2-0.3x the time for 4-15 keys, ~0.65x for 24, ~1x at 32-64;
+# GRL's stripe stage 2 at the 8x8-window model configs reads 8 anchors)
+_CPU_FUSED_MIN_KEYS = 32
 # the fused CPU kernel behind SDPA, called directly for its row log-sum-exp (None if absent)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -432,8 +439,9 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         return attn @ v
     if impl != "sdpa":
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    q = F.normalize(q, dim=-1) * transform.scale().to(q.dtype)
-    k = F.normalize(k, dim=-1)
+    # normalise q and fold the logit scale in with one pass over q: q * (scale / |q|)
+    q = q * (transform.scale().to(q.dtype) / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_EPS))
+    k = F.normalize(k, dim=-1, eps=_EPS)
     exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     if (q.device.type == "cpu" and torch.is_grad_enabled() and dropout_p == 0 and not exporting
             and not torch.compiler.is_compiling()):  # CPU training: the lean autograd function
@@ -448,4 +456,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         return _explicit(q, k, v, bias, mask, dropout_p, inplace=False)
     if dropout_p > 0:
         return _explicit(q, k, v, bias, mask, dropout_p, inplace=True)
+    if (q.device.type == "cpu" and k.shape[-2] < _CPU_FUSED_MIN_KEYS and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)))):
+        return torch.matmul(_softmax_(_logits_(q, k, bias, mask)), v)  # few keys: explicit is faster
     return _fused(q, k, v, bias, mask)

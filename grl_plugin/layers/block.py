@@ -117,6 +117,15 @@ class QKVProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def halves(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The window half and the stripe half of :meth:`forward`, each a contiguous tensor
+        (two products with halves of the weight: the token gathers that follow read them
+        without copying a strided slice first)."""
+        w, b = self.body.weight, self.body.bias
+        half = w.shape[0] // 2
+        return (F.linear(x, w[:half], None if b is None else b[:half]),
+                F.linear(x, w[half:], None if b is None else b[half:]))
+
 
 class MixedAttention(nn.Module):
     """Window attention on half of the channels, anchored stripe attention on the other half.
@@ -186,13 +195,23 @@ class MixedAttention(nn.Module):
                 geom: Optional[GRLGeometry] = None) -> torch.Tensor:
         if geom is None:
             geom = self.geometry(x_size, x.device)
-        half = self.dim * 3 // 2
-        qkv = self.qkv(x)
-        x_window = self.window_attn(qkv[..., :half], x_size, geom.window)
+        if self.window_attn.attn_impl == "reference":
+            qkv = self.qkv(x)
+            half = self.dim * 3 // 2
+            qkv_window, qkv_stripe = qkv[..., :half], qkv[..., half:]
+        else:
+            qkv_window, qkv_stripe = self.qkv.halves(x)
         anchor = self.anchor(x, x_size)
         stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
-        x_stripe = self.stripe_attn(qkv[..., half:], anchor, x_size, stripe_geom)
-        return self.proj_drop(self.proj(torch.cat([x_window, x_stripe], dim=-1)))
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export()):  # (tracing: writes into views do not export)
+            y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
+                           self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom)], dim=-1)
+        else:  # both halves written in place into one buffer (no concatenation copy)
+            y = qkv_window.new_empty(x.shape)  # (autocast: the projections' dtype)
+            self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
+            self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
+        return self.proj_drop(self.proj(y))
 
 
 class _MapOrTokens(nn.Module):

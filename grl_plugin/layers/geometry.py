@@ -100,6 +100,25 @@ def relative_index(window: Size2, df: int, w2a: bool, device: torch.device) -> t
         return (ra[:, None] - r[None] + w0 - 1) * stride + (ca[:, None] - c[None] + w1 - 1)
 
 
+# ------------------------------------------------------------------------------ token orders
+@lru_cache(maxsize=64)
+def partition_order(size: Size2, part: Size2, shift: Size2,
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse): the raster token indices (H W,) of an (H, W) grid rolled by ``-shift``
+    and cut into ``part``-sized windows (windows row-major, tokens row-major inside), and the
+    inverse permutation.
+
+    ``tokens.index_select(1, order)`` is ``window_partition(roll(grid, -shift))`` in one gather;
+    ``windowed.index_select(1, inverse)`` undoes it (window reverse, then roll back).
+    """
+    with torch.inference_mode(False):
+        grid = torch.arange(size[0] * size[1], device=device).view(size)
+        if any(shift):
+            grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(0, 1))
+        order = rearrange(grid, "(nh h) (nw w) -> (nh nw h w)", h=part[0], w=part[1]).contiguous()
+        return order, torch.argsort(order)
+
+
 # ---------------------------------------------------------------------------------------- masks
 def _region_labels(size: Size2, window: Size2, shift: Size2, device: torch.device) -> torch.Tensor:
     """(n_windows, w0 w1) region labels of the shifted layout, partitioned into windows."""
@@ -164,17 +183,26 @@ def mask_split(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 # ---------------------------------------------------------------------------------- sets / cache
+Orders = Tuple[torch.Tensor, torch.Tensor]  # (order, inverse) of partition_order
+
+
 class WindowGeometry(NamedTuple):
-    """What (shifted) window attention needs at one padded size."""
+    """What (shifted) window attention needs at one padded size.
+
+    ``orders``: the :func:`partition_order` pairs without and with the shift."""
     window: int
     shift: int
     table: torch.Tensor
     index: torch.Tensor
     mask: torch.Tensor
+    orders: Optional[Tuple[Orders, Orders]] = None
 
 
 class StripeGeometry(NamedTuple):
-    """What anchored stripe attention of one orientation needs at one padded size."""
+    """What anchored stripe attention of one orientation needs at one padded size.
+
+    ``orders`` / ``anchor_orders``: the :func:`partition_order` pairs of the token grid and of
+    the anchor grid, without and with the shift."""
     stripe: Size2
     shift: Size2
     df: int
@@ -183,6 +211,8 @@ class StripeGeometry(NamedTuple):
     index_w2a: torch.Tensor
     mask_a2w: torch.Tensor
     mask_w2a: torch.Tensor
+    orders: Optional[Tuple[Orders, Orders]] = None
+    anchor_orders: Optional[Tuple[Orders, Orders]] = None
 
 
 class GRLGeometry(NamedTuple):
@@ -195,9 +225,13 @@ class GRLGeometry(NamedTuple):
 def _stripe_geometry(stripe_size, stripe_groups, df, size, device) -> StripeGeometry:
     stripe, shift = stripe_info(stripe_size, stripe_groups, True, size)
     a2w, w2a = stripe_masks(size, stripe, shift, df, device)
+    anchor_size, anchor_stripe = (size[0] // df, size[1] // df), (stripe[0] // df, stripe[1] // df)
+    orders = tuple(partition_order(size, stripe, s, device) for s in ((0, 0), shift))
+    anchor_orders = tuple(partition_order(anchor_size, anchor_stripe, s, device)
+                          for s in ((0, 0), (shift[0] // df, shift[1] // df)))
     return StripeGeometry(stripe, shift, df, coords_table(stripe, df, device),
                           relative_index(stripe, df, False, device),
-                          relative_index(stripe, df, True, device), a2w, w2a)
+                          relative_index(stripe, df, True, device), a2w, w2a, orders, anchor_orders)
 
 
 @lru_cache(maxsize=32)
@@ -205,7 +239,8 @@ def _grl_geometry(window_size, stripe_size, stripe_groups, df, size, device) -> 
     ws = (window_size, window_size)
     window = WindowGeometry(window_size, window_size // 2, coords_table(ws, 1, device),
                             relative_index(ws, 1, True, device),
-                            window_mask(size, window_size, window_size // 2, device))
+                            window_mask(size, window_size, window_size // 2, device),
+                            tuple(partition_order(size, ws, (s, s), device) for s in (0, window_size // 2)))
     # "V" (W-type) stripes use the reversed configuration evaluated on the same grid. The
     # official code reverses the H-type *result* instead, which differs -- and crashes -- for
     # non-square inputs with stripe groups (SPEC §9 B1); both agree everywhere else.
@@ -227,5 +262,6 @@ def grl_geometry(window_size: int, stripe_size: Sequence[Optional[int]],
 
 def clear_cache() -> None:
     """Drop every cached table, index and mask (e.g. to free device memory)."""
-    for fn in (coords_table, relative_index, window_mask, stripe_masks, _mask_split, _grl_geometry):
+    for fn in (coords_table, relative_index, partition_order, window_mask, stripe_masks, _mask_split,
+               _grl_geometry):
         fn.cache_clear()

@@ -7,15 +7,15 @@ gathers the stripe (anchor -> window, "a2w"), then every token reads from the an
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from .attention import AffineTransform, cosine_attention
-from .geometry import StripeGeometry
-from .window_attn import split_heads, window_partition, window_reverse
+from .geometry import StripeGeometry, partition_order
+from .window_attn import permute_tokens, split_heads, window_partition, window_reverse
 
 ANCHOR_PROJ_TYPES = ("avgpool", "maxpool", "conv2d", "separable_conv", "patchmerging")
 
@@ -120,29 +120,49 @@ class AnchorStripeAttention(nn.Module):
         self.attn_transform2 = AffineTransform(num_heads)
 
     def forward(self, qkv: torch.Tensor, anchor: torch.Tensor, x_size: Tuple[int, int],
-                geom: StripeGeometry) -> torch.Tensor:
+                geom: StripeGeometry, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """qkv (B, L, 3 dim), anchor (B, H/df, W/df, dim) -> (B, L, dim), written into ``out``
+        when given (no autograd)."""
         H, W = x_size
         B = qkv.shape[0]
         stripe, df = geom.stripe, geom.df
         anchor_stripe = (stripe[0] // df, stripe[1] // df)
         shift = geom.shift if self.stripe_shift else (0, 0)
         anchor_shift = (shift[0] // df, shift[1] // df)
+        masked = self.stripe_shift
+        drop = self.attn_drop if self.training else 0.0
+
+        def attend(q, k, v, a):  # anchor -> window, then window -> anchor
+            y = cosine_attention(a, k, v, self.attn_transform1, geom.table, geom.index_a2w,
+                                 geom.mask_a2w if masked else None, drop, self.attn_impl)
+            return cosine_attention(q, a, y, self.attn_transform2, geom.table, geom.index_w2a,
+                                    geom.mask_w2a if masked else None, drop, self.attn_impl)
+
+        if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
+            if geom.orders:
+                (order, inverse), (a_order, a_inverse) = geom.orders[masked], geom.anchor_orders[masked]
+            else:
+                order, inverse = partition_order((H, W), stripe, shift, qkv.device)
+                a_order, a_inverse = partition_order((H // df, W // df), anchor_stripe, anchor_shift, qkv.device)
+            q, k, v = split_heads(permute_tokens(qkv, order, inverse).view(-1, stripe[0] * stripe[1], qkv.shape[-1]),
+                                  3, self.num_heads)
+            anchor = permute_tokens(anchor.reshape(B, -1, anchor.shape[-1]), a_order, a_inverse)
+            (a,) = split_heads(anchor.view(-1, anchor_stripe[0] * anchor_stripe[1], anchor.shape[-1]),
+                               1, self.num_heads)
+            y = rearrange(attend(q, k, v, a), "(b w) h n d -> b (w n) (h d)", b=B)
+            return permute_tokens(y, inverse, order, out)
+        # the official steps: roll, partition, attention, reverse, roll back
         qkv = qkv.view(B, H, W, -1)
         if any(shift):
             qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
             anchor = torch.roll(anchor, shifts=(-anchor_shift[0], -anchor_shift[1]), dims=(1, 2))
         q, k, v = split_heads(window_partition(qkv, stripe), 3, self.num_heads)
         (a,) = split_heads(window_partition(anchor, anchor_stripe), 1, self.num_heads)
-        masked = self.stripe_shift
-        drop = self.attn_drop if self.training else 0.0
-        y = cosine_attention(a, k, v, self.attn_transform1, geom.table, geom.index_a2w,
-                             geom.mask_a2w if masked else None, drop, self.attn_impl)
-        out = cosine_attention(q, a, y, self.attn_transform2, geom.table, geom.index_w2a,
-                               geom.mask_w2a if masked else None, drop, self.attn_impl)
-        out = window_reverse(rearrange(out, "b h n d -> b n (h d)"), stripe, (H, W))
+        y = window_reverse(rearrange(attend(q, k, v, a), "b h n d -> b n (h d)"), stripe, (H, W))
         if any(shift):
-            out = torch.roll(out, shifts=shift, dims=(1, 2))
-        return out.reshape(B, H * W, -1)
+            y = torch.roll(y, shifts=shift, dims=(1, 2))
+        y = y.reshape(B, H * W, -1)
+        return y if out is None else out.copy_(y)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, stripe_type={self.stripe_type}, " \

@@ -1,14 +1,14 @@
 """Regional modelling: (shifted) window self-attention on one half of the channels (SPEC §4.2)."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from .attention import AffineTransform, cosine_attention
-from .geometry import WindowGeometry
+from .geometry import WindowGeometry, partition_order
 
 
 def window_partition(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -29,6 +29,35 @@ def split_heads(x: torch.Tensor, parts: int, heads: int):
     """
     x = rearrange(x, "b n (p h d) -> p b h n d", p=parts, h=heads)
     return x.unbind(0)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x.index_select(1, order)`` whose backward is the gather ``grad.index_select(1, inverse)``
+    (``index_select``'s own backward scatters with ``index_add_``)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, L, C) tokens reordered along L: ``x[:, order]`` (``inverse`` undoes it).
+
+    One gather for what the official code does with a roll, a partition copy (and the reverse
+    way a reverse copy and another roll); see :func:`~.geometry.partition_order`. Without
+    autograd the result can be written straight into ``out`` (e.g. half of a wider buffer)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteTokens.apply(x, order, inverse)
+    if out is None:
+        return x.index_select(1, order)
+    return torch.index_select(x, 1, order, out=out)
 
 
 class WindowAttention(nn.Module):
@@ -57,22 +86,36 @@ class WindowAttention(nn.Module):
         self.attn_impl = attn_impl
         self.attn_transform = AffineTransform(num_heads)
 
-    def forward(self, qkv: torch.Tensor, x_size: Tuple[int, int], geom: WindowGeometry) -> torch.Tensor:
+    def forward(self, qkv: torch.Tensor, x_size: Tuple[int, int], geom: WindowGeometry,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """qkv (B, L, 3 dim) -> (B, L, dim), written into ``out`` when given (no autograd)."""
         H, W = x_size
         B = qkv.shape[0]
         ws = (self.window_size, self.window_size)
-        qkv = qkv.view(B, H, W, -1)
         shift = geom.shift if self.window_shift else 0
+
+        def attend(q, k, v):
+            return cosine_attention(q, k, v, self.attn_transform, geom.table, geom.index,
+                                    geom.mask if shift else None,
+                                    self.attn_drop if self.training else 0.0, self.attn_impl)
+
+        if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
+            order, inverse = geom.orders[1 if shift else 0] if geom.orders else \
+                partition_order((H, W), ws, (shift, shift), qkv.device)
+            q, k, v = split_heads(permute_tokens(qkv, order, inverse).view(-1, ws[0] * ws[1], qkv.shape[-1]),
+                                  3, self.num_heads)
+            y = rearrange(attend(q, k, v), "(b w) h n d -> b (w n) (h d)", b=B)
+            return permute_tokens(y, inverse, order, out)
+        # the official steps: roll, partition, attention, reverse, roll back
+        qkv = qkv.view(B, H, W, -1)
         if shift:
             qkv = torch.roll(qkv, shifts=(-shift, -shift), dims=(1, 2))
-        q, k, v = split_heads(window_partition(qkv, ws), 3, self.num_heads)
-        out = cosine_attention(q, k, v, self.attn_transform, geom.table, geom.index,
-                               geom.mask if shift else None,
-                               self.attn_drop if self.training else 0.0, self.attn_impl)
-        out = window_reverse(rearrange(out, "b h n d -> b n (h d)"), ws, (H, W))
+        y = attend(*split_heads(window_partition(qkv, ws), 3, self.num_heads))
+        y = window_reverse(rearrange(y, "b h n d -> b n (h d)"), ws, (H, W))
         if shift:
-            out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
-        return out.reshape(B, H * W, -1)
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        y = y.reshape(B, H * W, -1)
+        return y if out is None else out.copy_(y)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, " \
