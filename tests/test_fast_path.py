@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from grl_plugin.archs.grl_arch import GRL
 from grl_plugin.layers import attention as attention_mod
@@ -280,7 +281,7 @@ def test_cpu_softmax_floor_matches_softmax_and_leaves_no_subnormals():
     ref = torch.softmax(s, -1)
     tiny = torch.finfo(torch.float32).tiny
     assert ((ref > 0) & (ref < tiny)).any()  # softmax itself writes subnormals here
-    for p in (attention_mod._softmax_(s.clone()), attention_mod._softmax_(s.clone(), torch.logsumexp(s, -1))):
+    for p in (attention_mod._softmax_(s.clone()), attention_mod._probs_(s - torch.logsumexp(s, -1, keepdim=True))):
         assert (p - ref).abs().max() <= 4e-6  # float32 rounding of exp at logits up to ~40
         assert not ((p > 0) & (p < tiny)).any()
         assert float(p.min()) >= 0.99e-20 / s.shape[-1]  # the floor, divided by a row sum <= N2
@@ -302,28 +303,35 @@ def test_head_dim_padding_for_fused_kernels_changes_nothing(masked):
 
 
 @pytest.mark.parametrize("save_probs", [False, True])
-def test_region_mask_split_matches_reference_eval_and_training(save_probs, monkeypatch):
+@pytest.mark.parametrize("columns", [True, False])
+def test_region_mask_as_extra_columns_matches_reference_eval_and_training(save_probs, columns, monkeypatch):
     """A real shifted-window mask (4x4 windows of 8x8 pixels): only the last row and column of
-    windows mix regions; the fast path forms bias + mask for those 7 alone (and puts every
-    window back in order) with the reference's results, forward and gradients."""
-    from grl_plugin.layers.geometry import coords_table, mask_split, relative_index, window_mask
+    windows mix regions (up to 4 per window). The fast path adds it through 4 extra q/k
+    columns whose product is the mask exactly, runs ONE kernel call with the bias shared by all
+    windows (no per-window bias + mask), and gives the reference's results and gradients.
+    Below ``_MASK_COLUMNS_MIN_PAIRS`` (as for these 64-token windows by default) it forms
+    bias + mask for all windows, also in one call."""
+    from grl_plugin.layers.geometry import coords_table, mask_factors, mask_split, relative_index, window_mask
     monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    if columns:
+        monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 64 * 64)
     cpu = torch.device("cpu")
     mask = window_mask((32, 32), 8, 4, cpu)
     masked, plain, values = mask_split(mask)
     assert masked.tolist() == [3, 7, 11, 12, 13, 14, 15] and plain.numel() == 9
     assert torch.equal(values, mask[masked]) and not mask[plain].any()
     assert mask_split(mask)[0] is masked  # cached
+    a, b = mask_factors(mask)
+    assert a.shape == (16, 64, 4) and b.shape == (16, 64, 4) and mask_factors(mask)[0] is a
+    assert torch.equal(a @ b.transpose(1, 2), mask)
+    assert not a[plain].any() and set(a.unique().tolist()) == {0.0, -100.0}
+    assert torch.equal(b[masked].sum(-1), torch.ones(7, 64)) and not b[plain].any()  # one group per key
     n, d = 64, 4
-    assert plain.numel() * n * n > 16 * 2 * (n + n) * d  # the split pays off here (see _sdpa)
-    calls = []
+    masks_seen = []
     real = attention_mod._sdpa
 
-    def spy(q, k, v, bias, mask, kernel):  # counts kernel calls per masked attention
-        n = []
-        out = real(q, k, v, bias, mask, lambda *a: (n.append(1), kernel(*a))[1])
-        calls.append(len(n))
-        return out
+    def spy(q, k, v, bias, mask, kernel, *rest):  # the additive masks the kernel receives
+        return real(q, k, v, bias, mask, lambda *a: (masks_seen.append(a[3]), kernel(*a))[1], *rest)
     monkeypatch.setattr(attention_mod, "_sdpa", spy)
     torch.manual_seed(3)
     t = AffineTransform(2)
@@ -335,10 +343,42 @@ def test_region_mask_split_matches_reference_eval_and_training(save_probs, monke
     leaves = [q, k, v] + list(t.parameters())
     grads = [torch.autograd.grad(cosine_attention(q, k, v, t, table, index, mask, impl=impl).square().sum(), leaves)
              for impl in ("reference", "sdpa")]
-    for a, b in zip(*grads):
-        assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))
-    # two kernel calls (plain windows, mixed windows) in eval and in the lean training forward
-    assert calls == [2] * (1 if save_probs else 2)
+    for a_, b_ in zip(*grads):
+        assert (a_ - b_).abs().max() <= TOL * max(1.0, float(b_.abs().max()))
+    # one kernel call per masked attention (eval, and the lean training forward), and what it
+    # gets as its mask is the (heads, N1, N2) bias broadcast over all windows: stride 0
+    assert len(masks_seen) == (1 if save_probs else 2)
+    for m in masks_seen:
+        if columns:
+            assert m.shape == (32, 2, n, n) and m.stride(0) == 0
+        else:  # windows moved into the head axis, bias + mask formed for each
+            assert m.shape == (2, 16 * 2, n, n) and m.stride(0) == 0 and m.stride(1) == n * n
+
+
+def test_mask_factors_of_all_grl_masks_and_a_mask_that_does_not_factor():
+    """Window and stripe masks of the SR and model-YAML geometries factor with at most 4
+    columns, exactly; a mask whose keys are not grouped by regions is refused (None)."""
+    from grl_plugin.layers.geometry import mask_factors, stripe_info, stripe_masks, window_mask
+    cpu = torch.device("cpu")
+    masks = [window_mask((64, 96), 32, 16, cpu), window_mask((32, 40), 8, 4, cpu)]
+    for size, stripe, groups in (((128, 64), (64, 64), (None, None)), ((64, 32), (8, None), (None, 4))):
+        st, sh = stripe_info(stripe, groups, True, size)
+        masks += list(stripe_masks(size, st, sh, 4, cpu))
+    for m in masks:
+        a, b = mask_factors(m)
+        assert a.shape[-1] <= 4 and torch.equal(a @ b.transpose(1, 2), m)
+    odd = torch.zeros(2, 3, 3)
+    odd[1] = torch.tensor([[0.0, -100, 0], [-100, 0, 0], [0, 0, -100]])
+    assert mask_factors(odd) is None
+    torch.manual_seed(0)
+    t = AffineTransform(2)
+    table, index = torch.randn(1, 3, 3, 2), torch.randint(0, 9, (3, 3))
+    q, k, v = (torch.randn(4, 2, 3, 4) for _ in range(3))
+    with torch.no_grad():  # the fused path forms bias + mask instead
+        ref = cosine_attention(q, k, v, t, table, index, odd, impl="reference")
+        fast = attention_mod._fused(F.normalize(q, dim=-1) * t.scale(), F.normalize(k, dim=-1), v,
+                                    t.position_bias(table, index), odd)
+    assert (ref - fast).abs().max() <= TOL
 
 
 def test_eval_bias_cache_budget_and_release():
@@ -379,3 +419,28 @@ def test_lean_attention_value_head_dim_differs(monkeypatch):
     grads = [torch.autograd.grad(o.square().sum(), leaves) for o in outs]
     for a, b in zip(*grads):
         assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))
+
+
+def test_two_step_bias_gather_equals_plain_gather(monkeypatch):
+    """The two-step position-bias gather (runs of equal table row copied whole) gives the
+    plain gather's values and gradients for the window and both stripe indices of the SR
+    and model-YAML geometries; runs shorter than 4 keys get no plan."""
+    from grl_plugin.layers.geometry import coords_table, gather_plan, relative_index
+    cpu = torch.device("cpu")
+    cases = [((32, 32), 1, True), ((64, 64), 4, True), ((64, 64), 4, False), ((64, 32), 4, True),
+             ((8, 8), 1, True), ((8, 16), 4, False)]
+    for window, df, w2a in cases:
+        index, table = relative_index(window, df, w2a, cpu), coords_table(window, df, cpu)
+        width = table.shape[-2]
+        patterns, runs, rows = gather_plan(index, width)
+        assert index.numel() % runs.numel() == 0 and index.numel() // runs.numel() >= 4
+        values = torch.randn(3, table.shape[1] * width, requires_grad=True)
+        plain = attention_mod._gather_bias(values, index)
+        monkeypatch.setattr(attention_mod, "_TWO_STEP_GATHER_MIN", 1)  # also the small indices
+        two = attention_mod._gather_bias(values, index, width)
+        assert torch.equal(two, plain)
+        w = torch.randn_like(plain)
+        g1, = torch.autograd.grad((plain * w).sum(), values)
+        g2, = torch.autograd.grad((two * w).sum(), values)
+        assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-4)  # (sums in another order)
+    assert gather_plan(relative_index((2, 2), 1, True, cpu), 3) is None  # runs of 2

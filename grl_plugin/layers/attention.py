@@ -50,6 +50,12 @@ _EPS = 1e-12  # F.normalize's default
 # (measured, float32, 2 threads: ~0.2-0.3x the time for 4-15 keys, ~0.65x for 24, ~1x at 32-64;
 # GRL's stripe stage 2 at the 8x8-window model configs reads 8 anchors)
 _CPU_FUSED_MIN_KEYS = 32
+# From this many query-key pairs per window on, a region mask enters as extra q/k columns
+# instead of a materialised bias + mask (measured, CPU: GRL-B at the SR geometry 0.92x the eval
+# time; at 8x8 windows writing bias + mask is cheap and the wider head dim costs more)
+_MASK_COLUMNS_MIN_PAIRS = 1 << 16
+# Position-bias gathers of this many entries and more go in two steps (see _gather_bias)
+_TWO_STEP_GATHER_MIN = 1 << 16
 # the fused CPU kernel behind SDPA, called directly for its row log-sum-exp (None if absent)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -147,7 +153,7 @@ class AffineTransform(nn.Module):
             # the entry holds table and index themselves, so their ids cannot be reused meanwhile
             if hit is not None and hit[0] is table and hit[1] is index and hit[2] == versions:
                 return hit[3]
-        bias = _gather_bias(self.bias_values(table), index)
+        bias = _gather_bias(self.bias_values(table), index, table.shape[-2])
         if cache:
             if len(self._bias_cache) >= _CACHE_ENTRIES:  # e.g. tiles of another size: drop the oldest
                 self._bias_cache.pop(next(iter(self._bias_cache)))
@@ -224,9 +230,24 @@ class _CpbMlp(torch.autograd.Function):
         return None, d_w1, d_b1, d_w2
 
 
-def _gather_bias(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(heads, T) table values gathered by an (N1, N2) index -> (heads, N1, N2)."""
-    return values.index_select(1, index.reshape(-1)).view(values.shape[0], *index.shape)
+def _gather_bias(values: torch.Tensor, index: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
+    """(heads, T) table values gathered by an (N1, N2) index -> (heads, N1, N2).
+
+    With the table's ``width`` (its (rows, width) grid flattened is T), in two steps where the
+    index allows (:func:`~.geometry.gather_plan`: the runs of equal table row become one copy
+    each)."""
+    heads = values.shape[0]
+    plan = None
+    if width and index.numel() >= _TWO_STEP_GATHER_MIN and not (torch.compiler.is_compiling()
+                                                                or torch.jit.is_tracing()):
+        from .geometry import gather_plan
+        plan = gather_plan(index, width)
+    if plan is None:
+        return values.index_select(1, index.reshape(-1)).view(heads, *index.shape)
+    patterns, runs, rows = plan
+    run = index.numel() // runs.numel()
+    small = values.view(heads, -1, width)[:, :rows].index_select(2, patterns)  # (heads, rows, P * run)
+    return small.view(heads, -1, run).index_select(1, runs).view(heads, *index.shape)
 
 
 def _explicit(q, k, v, bias, mask, dropout_p, inplace):
@@ -248,10 +269,44 @@ def _explicit(q, k, v, bias, mask, dropout_p, inplace):
     return attn @ v
 
 
-def _logits_(q, k, bias, mask):
-    """q k^T + bias (+ mask), computed into one new (B*nW, heads, N1, N2) tensor."""
+def _mask_columns(mask: Optional[torch.Tensor], n1: int, n2: int):
+    """``(mask, factors)``: how a region mask enters the product q k^T. ``mask`` is ``None``
+    when no window mixes regions; ``factors`` (:func:`~.geometry.mask_factors`) when it goes in
+    as extra q/k columns (windows of at least ``_MASK_COLUMNS_MIN_PAIRS`` pairs, not under
+    ``torch.compile``), else ``None`` (add the mask to the logits)."""
+    if mask is None or torch.compiler.is_compiling():
+        return mask, None
+    from .geometry import mask_factors, mask_split
+    if not mask_split(mask)[0].numel():
+        return None, None
+    return mask, (mask_factors(mask) if n1 * n2 >= _MASK_COLUMNS_MIN_PAIRS else None)
+
+
+def _with_columns(x: torch.Tensor, cols: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """(B*nW, heads, N, d) with per-window columns (nW, N, r) appended (and ``pad`` zero
+    columns) -> (B*nW, heads, N, d + r + pad)."""
+    n_w, rows, r = cols.shape
+    n, heads = x.shape[:2]
+    cols = F.pad(cols.to(x.dtype), (0, pad))[None, :, None].expand(n // n_w, n_w, heads, rows, r + pad)
+    return torch.cat([x.view(n // n_w, n_w, heads, rows, -1), cols], -1).view(n, heads, rows, -1)
+
+
+def _logits_(q, k, bias, mask, lse=None):
+    """q k^T + bias (+ mask) (- lse), computed into one new (B*nW, heads, N1, N2) tensor.
+
+    A large windows' region mask (:func:`_mask_columns`) and the rows' log-sum-exp ``lse``
+    enter as extra columns of q and k ([q, a, -lse] . [k, b, 1]), so the product writes them
+    with no pass of their own; the bias is added in place."""
+    n1, n2 = q.shape[-2], k.shape[-2]
+    mask, factors = _mask_columns(mask, n1, n2)
+    if factors is not None:
+        q, k = _with_columns(q, factors[0]), _with_columns(k, factors[1])
+        mask = None
+    if lse is not None:
+        q = torch.cat([q, -lse.unsqueeze(-1).to(q.dtype)], -1)
+        k = torch.cat([k, k.new_ones(k.shape[:-1] + (1,))], -1)
     s = torch.matmul(q, k.transpose(-2, -1))
-    heads, n1, n2 = s.shape[1:]
+    heads = s.shape[1]
     if mask is None:
         s.add_(bias)
     else:
@@ -268,15 +323,15 @@ def _logits_(q, k, bias, mask):
 _LOG_FLOOR = math.log(1e-20)
 
 
-def _softmax_(s: torch.Tensor, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """In-place softmax over the last dim with the 1e-20 floor (see ``_LOG_FLOOR``).
+def _softmax_(s: torch.Tensor) -> torch.Tensor:
+    """In-place softmax over the last dim with the 1e-20 floor (see ``_LOG_FLOOR``)."""
+    s.sub_(s.amax(-1, keepdim=True)).clamp_min_(_LOG_FLOOR).exp_()
+    return s.div_(s.sum(-1, keepdim=True))
 
-    With ``lse`` (the rows' log-sum-exp from the forward, shape ``s.shape[:-1]``) it is
-    ``exp(s - lse)``, three cheap passes instead of softmax's reductions."""
-    if lse is None:
-        s.sub_(s.amax(-1, keepdim=True)).clamp_min_(_LOG_FLOOR).exp_()
-        return s.div_(s.sum(-1, keepdim=True))
-    return s.sub_(lse.unsqueeze(-1)).clamp_min_(_LOG_FLOOR).exp_()
+
+def _probs_(s: torch.Tensor) -> torch.Tensor:
+    """exp(s) in place with the 1e-20 floor, for logits that already include -lse."""
+    return s.clamp_min_(_LOG_FLOOR).exp_()
 
 
 class _LeanAttention(torch.autograd.Function):
@@ -287,17 +342,18 @@ class _LeanAttention(torch.autograd.Function):
     gives every row's log-sum-exp; it saves q, k, v, the output, that (N1-sized) log-sum-exp
     and the gathered bias (one (heads, N1, N2) tensor per module, shared by all windows). The
     backward recomputes the probabilities P = exp(q k^T + bias + mask - lse) (one matrix
-    product and three elementwise passes) and forms the logits' gradient in place:
-    dS = P * (dO v^T - rowsum(dO * O)); the bias gradient goes back to the table cells with one
-    ``index_add_``. Between forward and backward no per-window N1 x N2 tensor is kept.
+    product that also writes the mask and -lse, see :func:`_logits_`, then the bias add, the
+    floor and exp in place) and the logits' gradient dS = P * (dO v^T - rowsum(dO * O)) (one
+    product, the row term again an extra column, times P in place); the bias gradient goes
+    back to the table cells with one ``index_add_``. Between forward and backward no per-window N1 x N2 tensor is kept.
     With ``save_probs`` (or where the fused kernel is missing, or v's head dim differs from
     q's, which it does not take) the forward computes P explicitly and keeps it instead
     (faster backward, more memory).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, values, index, mask, save_probs):
-        bias = _gather_bias(values, index)
+    def forward(ctx, q, k, v, values, index, mask, save_probs, width=None):
+        bias = _gather_bias(values, index, width)
         p = lse = None
         # the fused kernel (absent from older torch) needs one head dim for q, k and v
         save_probs = save_probs or _FLASH_CPU is None or q.shape[-1] != v.shape[-1]
@@ -315,10 +371,13 @@ class _LeanAttention(torch.autograd.Function):
         q, k, v, bias, index, mask, out, p, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
         if p is None:
-            p = _softmax_(_logits_(q, k, bias, mask), lse)
+            p = _probs_(_logits_(q, k, bias, mask, lse))
         d_v = torch.matmul(p.transpose(-2, -1), d_out) if ctx.needs_input_grad[2] else None
-        ds = torch.matmul(d_out, v.transpose(-2, -1))
-        ds.sub_((d_out * out).sum(-1, keepdim=True)).mul_(p)
+        # dS = P * (dO v^T - rowsum(dO * O)), the row term as an extra column of the product
+        rows = (d_out * out).sum(-1, keepdim=True)
+        ds = torch.matmul(torch.cat([d_out, rows.neg_()], -1),
+                          torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1).transpose(-2, -1))
+        ds.mul_(p)
         del p
         d_q = torch.matmul(ds, k) if ctx.needs_input_grad[0] else None
         d_k = torch.matmul(ds.transpose(-2, -1), q) if ctx.needs_input_grad[1] else None
@@ -326,55 +385,36 @@ class _LeanAttention(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             d_bias = ds.view(-1, bias.shape[0], index.numel()).sum(0)
             d_values = d_bias.new_zeros(bias.shape[0], ctx.n_values).index_add_(1, index.reshape(-1), d_bias)
-        return d_q, d_k, d_v, d_values, None, None, None
+        return d_q, d_k, d_v, d_values, None, None, None, None
 
 
-def _sdpa(q, k, v, bias, mask, kernel):
+def _sdpa(q, k, v, bias, mask, kernel, multiple: int = 1):
     """Run ``kernel(q, k, v, attn_mask)`` (4-D SDPA operands; it returns ``(out, lse or None)``)
     with bias (+ mask) as the additive mask -> (out (B*nW, heads, N1, dv), lse or None).
 
-    The bias is broadcast over the batch (stride 0). With a region mask, the windows whose mask
-    is all 0 (:func:`~.geometry.mask_split`: all but the last row and column of windows) run
-    with the bias alone and bias + mask is formed for the others only, its windows moved into
-    the head axis (under ``torch.compile``: one call, bias + mask for every window)."""
+    The bias is broadcast over the batch and the windows (stride 0). A region mask enters as R
+    extra columns of q and k (:func:`~.geometry.mask_factors`; zero columns of v match them,
+    R rounded up to ``multiple`` for the kernel's head-dim alignment), so that no
+    (windows, heads, N1, N2) bias + mask is written. Small windows (fewer than
+    ``_MASK_COLUMNS_MIN_PAIRS`` query-key pairs, e.g. 8x8), masks that do not factor, and all
+    masks under ``torch.compile`` add the mask to the bias for every window instead."""
     heads, n1, n2 = bias.shape
+    n = q.shape[0]
+    mask, factors = _mask_columns(mask, n1, n2)
+    d, dv = q.shape[-1], v.shape[-1]
+    if factors is not None and dv <= d + factors[0].shape[-1]:
+        r = factors[0].shape[-1]
+        pad = -r % multiple
+        out, lse = kernel(_with_columns(q, factors[0], pad), _with_columns(k, factors[1], pad),
+                          F.pad(v, (0, d + r + pad - dv)), bias.unsqueeze(0).expand(n, -1, -1, -1))
+        return out[..., :dv], lse
     if mask is None:
-        return kernel(q, k, v, bias.unsqueeze(0).expand(q.shape[0], -1, -1, -1))
+        return kernel(q, k, v, bias.unsqueeze(0).expand(n, -1, -1, -1))
     n_w = mask.shape[0]
-    b = q.shape[0] // n_w
-    groups = [(None, mask)]  # (windows, their mask or None); None: all windows
-    if not torch.compiler.is_compiling():
-        from .geometry import mask_split
-        masked, plain, values = mask_split(mask)
-        if not masked.numel():
-            groups = [(None, None)]
-        # worth it where the bias + mask not written for the plain windows outweighs gathering
-        # q, k, v and scattering the output (large windows; not GRL's 8x8 ones)
-        elif plain.numel() * n1 * n2 > n_w * 2 * (n1 + n2) * q.shape[-1]:
-            groups = [(plain, None), (masked, values)]
-    results = []
-    for sel, m in groups:
-        qs, ks, vs = (x.view(b, n_w, heads, *x.shape[2:]) for x in (q, k, v))
-        if sel is not None:
-            qs, ks, vs = (x.index_select(1, sel) for x in (qs, ks, vs))
-        n = qs.shape[1]
-        if m is None:
-            out, lse = kernel(*(x.reshape(b * n, heads, *x.shape[3:]) for x in (qs, ks, vs)),
-                              bias.unsqueeze(0).expand(b * n, -1, -1, -1))
-        else:
-            full = (bias.unsqueeze(0) + m.unsqueeze(1).to(bias.dtype)).view(1, n * heads, n1, n2)
-            out, lse = kernel(*(x.reshape(b, n * heads, *x.shape[3:]) for x in (qs, ks, vs)),
-                              full.expand(b, -1, -1, -1))
-        results.append((sel, out.reshape(b, n, heads, n1, -1), lse if lse is None else lse.reshape(b, n, heads, n1)))
-    if len(results) == 1:
-        _, out, lse = results[0]
-    else:  # back into window order
-        out = q.new_empty(b, n_w, heads, n1, results[0][1].shape[-1])
-        lse = None if results[0][2] is None else q.new_empty(b, n_w, heads, n1, dtype=results[0][2].dtype)
-        for sel, o, l in results:
-            out = out.index_copy(1, sel, o)
-            lse = lse if lse is None else lse.index_copy(1, sel, l)
-    return out.reshape(b * n_w, heads, n1, -1), lse if lse is None else lse.reshape(b * n_w, heads, n1)
+    full = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).view(1, n_w * heads, n1, n2)
+    out, lse = kernel(*(x.reshape(n // n_w, n_w * heads, *x.shape[2:]) for x in (q, k, v)),
+                      full.expand(n // n_w, -1, -1, -1))
+    return out.reshape(n, heads, n1, -1), lse if lse is None else lse.reshape(n, heads, n1)
 
 
 def _head_dim_multiple(q: torch.Tensor) -> int:
@@ -397,7 +437,7 @@ def _fused(q, k, v, bias, mask, head_multiple: Optional[int] = None):
         q, k = F.pad(q, (0, -d % m)), F.pad(k, (0, -d % m))
         v = F.pad(v, (0, -dv % m))
     out, _ = _sdpa(q, k, v, bias, mask,
-                   lambda *qkvm: (F.scaled_dot_product_attention(*qkvm[:3], attn_mask=qkvm[3], scale=1.0), None))
+                   lambda *qkvm: (F.scaled_dot_product_attention(*qkvm[:3], attn_mask=qkvm[3], scale=1.0), None), m)
     return out[..., :dv]
 
 
@@ -448,8 +488,8 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         values = transform.bias_values(table).to(q.dtype)
         if any(t.requires_grad for t in (q, k, v, values)):
             v = v.contiguous()
-            return _LeanAttention.apply(q, k, v, values, index, mask, _keep_probs(q, k, v))
-        bias = _gather_bias(values, index)
+            return _LeanAttention.apply(q, k, v, values, index, mask, _keep_probs(q, k, v), table.shape[-2])
+        bias = _gather_bias(values, index, table.shape[-2])
     else:
         bias = transform.position_bias(table, index).to(q.dtype)
     if exporting:  # in-place on views breaks export

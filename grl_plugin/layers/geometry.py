@@ -119,6 +119,41 @@ def partition_order(size: Size2, part: Size2, shift: Size2,
         return order, torch.argsort(order)
 
 
+@lru_cache(maxsize=64)
+def _gather_plan(index: torch.Tensor, table_width: int):
+    with torch.inference_mode(False):
+        n1, n2 = index.shape
+        rows, cols = index // table_width, index % table_width
+        # the longest runs of keys (a divisor of N2) along which the table row is constant
+        run = next((r for r in range(n2, 1, -1)
+                    if n2 % r == 0 and bool((rows.view(n1, -1, r) == rows.view(n1, -1, r)[..., :1]).all())), 1)
+        if run < 4:
+            return None
+        patterns, which = torch.unique(cols.reshape(-1, run), dim=0, return_inverse=True)
+        n_rows = int(rows.max()) + 1
+        runs = rows.reshape(-1, run)[:, 0] * len(patterns) + which  # run -> row of the small table
+        small = (torch.arange(n_rows, device=index.device)[:, None, None] * table_width + patterns[None])
+        if not torch.equal(small.view(-1, run).index_select(0, runs).view(n1, n2), index):
+            return None
+        return patterns.reshape(-1), runs, n_rows
+
+
+@torch.compiler.disable
+def gather_plan(index: torch.Tensor, table_width: int):
+    """A two-step plan for gathering ``values[:, index]`` of a relative-position index, or None.
+
+    GRL's indices are ``row_offset * table_width + col_offset``, where the row offset is the
+    same along each run of key columns and the column offsets of a run follow one of a few
+    patterns (one per query column). Step 1 gathers the patterns from every table row (a
+    small (heads, rows * patterns, run) table); step 2 copies whole runs of it into place, one
+    index per run instead of one per entry (about half the time of a plain gather for 32x32
+    windows and 64x64 stripes). Returns ``(patterns (P*run,), runs (N1*N2/run,), rows)``;
+    ``None`` where runs are shorter than 4 keys or the plan does not reproduce ``index``
+    exactly (checked on construction). Cached per index tensor.
+    """
+    return _gather_plan(index, int(table_width))
+
+
 # ---------------------------------------------------------------------------------------- masks
 def _region_labels(size: Size2, window: Size2, shift: Size2, device: torch.device) -> torch.Tensor:
     """(n_windows, w0 w1) region labels of the shifted layout, partitioned into windows."""
@@ -175,11 +210,54 @@ def mask_split(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Te
     whose mask holds a -100 entry, of those whose mask is all 0 (they need the position bias
     only), and ``mask[masked]``.
 
-    With shifted windows or stripes only the last row and column of windows mix regions, so
-    the fast path forms bias + mask for those alone. Cached per mask (the masks are cached
+    With shifted windows or stripes only the last row and column of windows mix regions
+    (:func:`mask_factors` works on those alone). Cached per mask (the masks are cached
     objects themselves, so their identity is stable).
     """
     return _mask_split(mask)
+
+
+@lru_cache(maxsize=64)
+def _mask_factors(mask: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    with torch.inference_mode(False):
+        n_w, n1, n2 = mask.shape
+        masked = _mask_split(mask)[0].tolist()
+        groups = []  # per masked window: (representative key of each key group, group of each key)
+        for w in masked:
+            # keys whose columns are alike share their first accepting query (label-built masks);
+            # a key no query accepts gets its own group. Checked exactly below.
+            ok = mask[w] == 0
+            first = torch.where(ok.any(0), ok.float().argmax(0), n1)
+            _, group = torch.unique(first, return_inverse=True)
+            rep = torch.empty(int(group.max()) + 1, dtype=torch.long, device=mask.device)
+            rep.scatter_(0, group, torch.arange(n2, device=mask.device))
+            groups.append((rep, group))
+        r = max([len(rep) for rep, _ in groups], default=0)
+        a = mask.new_zeros(n_w, n1, r)
+        b = mask.new_zeros(n_w, n2, r)
+        for w, (rep, group) in zip(masked, groups):
+            a[w, :, :len(rep)] = mask[w][:, rep]
+            b[w, torch.arange(n2, device=mask.device), group] = 1.0
+        if not torch.equal(torch.bmm(a, b.transpose(1, 2)), mask):
+            return None
+        return a, b
+
+
+@torch.compiler.disable  # host syncs while building, then a cache hit
+def mask_factors(mask: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(a (nW, N1, R), b (nW, N2, R))`` with ``a @ b^T == mask`` exactly, R small, or ``None``.
+
+    A region mask compares labels: key j is visible to query i (0) when their regions match,
+    else -100. Keys group by region; ``b`` is the one-hot group of each key and ``a[w, i, r]``
+    the mask value of query i for group r. Appended to q and k as R extra columns, they add
+    the mask inside the product q k^T, so the attention kernel takes the position bias alone,
+    shared by all windows, and no (windows, heads, N1, N2) bias + mask is ever written. The
+    products are -100 x 1 or 0 x 1 and the sums add zeros: exact in any float format. R is
+    the most regions in one window (4 for GRL's shifted windows and stripes). Checked on
+    construction; ``None`` where the mask does not factor (then bias + mask is formed).
+    Cached per mask.
+    """
+    return _mask_factors(mask)
 
 
 # ---------------------------------------------------------------------------------- sets / cache
@@ -262,6 +340,6 @@ def grl_geometry(window_size: int, stripe_size: Sequence[Optional[int]],
 
 def clear_cache() -> None:
     """Drop every cached table, index and mask (e.g. to free device memory)."""
-    for fn in (coords_table, relative_index, partition_order, window_mask, stripe_masks, _mask_split,
-               _grl_geometry):
+    for fn in (coords_table, relative_index, partition_order, _gather_plan, window_mask, stripe_masks,
+               _mask_split, _mask_factors, _grl_geometry):
         fn.cache_clear()
