@@ -296,16 +296,20 @@ def _logits_(q, k, bias, mask, lse=None):
 
     A large windows' region mask (:func:`_mask_columns`) and the rows' log-sum-exp ``lse``
     enter as extra columns of q and k ([q, a, -lse] . [k, b, 1]), so the product writes them
-    with no pass of their own; the bias is added in place."""
+    with no pass of their own; the bias is added in place. (In 16-bit formats, where -lse
+    itself would be rounded to 8-11 bits, it is subtracted afterwards in float.)"""
     n1, n2 = q.shape[-2], k.shape[-2]
     mask, factors = _mask_columns(mask, n1, n2)
     if factors is not None:
         q, k = _with_columns(q, factors[0]), _with_columns(k, factors[1])
         mask = None
-    if lse is not None:
+    fold_lse = lse is not None and q.element_size() >= 4
+    if fold_lse:
         q = torch.cat([q, -lse.unsqueeze(-1).to(q.dtype)], -1)
         k = torch.cat([k, k.new_ones(k.shape[:-1] + (1,))], -1)
     s = torch.matmul(q, k.transpose(-2, -1))
+    if lse is not None and not fold_lse:
+        s.sub_(lse.unsqueeze(-1))
     heads = s.shape[1]
     if mask is None:
         s.add_(bias)
