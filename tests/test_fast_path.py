@@ -144,6 +144,16 @@ def test_bench_attention_quick_smoke():
     assert re.fullmatch(r"[\d.]+", row["fwd fast/ref"])
 
 
+def _real_mask_factors_for_random_mask(mask, n1, n2):
+    """``_mask_columns`` for the random test masks (which do not factor by regions): exact
+    factors a = [mask, 0], b = [identity, 0] (R = N2 + 1 columns, not a multiple of 8)."""
+    if mask is None:
+        return None, None
+    zero = mask.new_zeros(mask.shape[0], n1, 1)
+    eye = torch.eye(n2).expand(mask.shape[0], -1, -1)
+    return mask, (torch.cat([mask, zero], -1), torch.cat([eye, zero[:, :1].expand(-1, n2, 1)], -1))
+
+
 def _attention_inputs(masked, requires_grad=True, seed=1, n2=8):
     torch.manual_seed(seed)
     t = AffineTransform(2)
@@ -287,10 +297,14 @@ def test_cpu_softmax_floor_matches_softmax_and_leaves_no_subnormals():
         assert float(p.min()) >= 0.99e-20 / s.shape[-1]  # the floor, divided by a row sum <= N2
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_head_dim_padding_for_fused_kernels_changes_nothing(masked):
+@pytest.mark.parametrize("masked,columns", [(False, False), (True, False), (True, True)])
+def test_head_dim_padding_for_fused_kernels_changes_nothing(masked, columns, monkeypatch):
     """GRL-B's head dim 30 is zero-padded for SDPA's CUDA kernels (multiple 4 or 8); forced here
-    on the CPU, the padded call gives the unpadded result, gradients included."""
+    on the CPU, the padded call gives the unpadded result, gradients included; also with the
+    region mask as extra q/k columns (their count padded to the multiple as well)."""
+    if columns:
+        monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
+        monkeypatch.setattr(attention_mod, "_mask_columns", _real_mask_factors_for_random_mask)
     t, table, index, mask, (q, k, v) = _attention_inputs(masked)
     q, k, v = (x[..., :3] for x in (q, k, v))  # head dim 3: padded to 8
     bias = t.position_bias(table, index)
