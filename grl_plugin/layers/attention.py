@@ -287,7 +287,10 @@ def _with_columns(x: torch.Tensor, cols: torch.Tensor, pad: int = 0) -> torch.Te
     columns) -> (B*nW, heads, N, d + r + pad)."""
     n_w, rows, r = cols.shape
     n, heads = x.shape[:2]
-    cols = F.pad(cols.to(x.dtype), (0, pad))[None, :, None].expand(n // n_w, n_w, heads, rows, r + pad)
+    cols = cols.to(x.dtype)
+    if pad:
+        cols = F.pad(cols, (0, pad))
+    cols = cols[None, :, None].expand(n // n_w, n_w, heads, rows, r + pad)
     return torch.cat([x.view(n // n_w, n_w, heads, rows, -1), cols], -1).view(n, heads, rows, -1)
 
 

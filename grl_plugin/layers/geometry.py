@@ -273,7 +273,7 @@ class WindowGeometry(NamedTuple):
     table: torch.Tensor
     index: torch.Tensor
     mask: torch.Tensor
-    orders: Optional[Tuple[Orders, Orders]] = None
+    orders: Tuple[Orders, Orders]
 
 
 class StripeGeometry(NamedTuple):
@@ -289,8 +289,8 @@ class StripeGeometry(NamedTuple):
     index_w2a: torch.Tensor
     mask_a2w: torch.Tensor
     mask_w2a: torch.Tensor
-    orders: Optional[Tuple[Orders, Orders]] = None
-    anchor_orders: Optional[Tuple[Orders, Orders]] = None
+    orders: Tuple[Orders, Orders]
+    anchor_orders: Tuple[Orders, Orders]
 
 
 class GRLGeometry(NamedTuple):

@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import AffineTransform, cosine_attention
-from .geometry import StripeGeometry, partition_order
+from .geometry import StripeGeometry
 from .window_attn import permute_tokens, split_heads, window_partition, window_reverse
 
 ANCHOR_PROJ_TYPES = ("avgpool", "maxpool", "conv2d", "separable_conv", "patchmerging")
@@ -139,11 +139,7 @@ class AnchorStripeAttention(nn.Module):
                                     geom.mask_w2a if masked else None, drop, self.attn_impl)
 
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
-            if geom.orders:
-                (order, inverse), (a_order, a_inverse) = geom.orders[masked], geom.anchor_orders[masked]
-            else:
-                order, inverse = partition_order((H, W), stripe, shift, qkv.device)
-                a_order, a_inverse = partition_order((H // df, W // df), anchor_stripe, anchor_shift, qkv.device)
+            (order, inverse), (a_order, a_inverse) = geom.orders[masked], geom.anchor_orders[masked]
             q, k, v = split_heads(permute_tokens(qkv, order, inverse).view(-1, stripe[0] * stripe[1], qkv.shape[-1]),
                                   3, self.num_heads)
             anchor = permute_tokens(anchor.reshape(B, -1, anchor.shape[-1]), a_order, a_inverse)

@@ -8,7 +8,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import AffineTransform, cosine_attention
-from .geometry import WindowGeometry, partition_order
+from .geometry import WindowGeometry
 
 
 def window_partition(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -100,8 +100,7 @@ class WindowAttention(nn.Module):
                                     self.attn_drop if self.training else 0.0, self.attn_impl)
 
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
-            order, inverse = geom.orders[1 if shift else 0] if geom.orders else \
-                partition_order((H, W), ws, (shift, shift), qkv.device)
+            order, inverse = geom.orders[1 if shift else 0]
             q, k, v = split_heads(permute_tokens(qkv, order, inverse).view(-1, ws[0] * ws[1], qkv.shape[-1]),
                                   3, self.num_heads)
             y = rearrange(attend(q, k, v), "(b w) h n d -> b (w n) (h d)", b=B)
