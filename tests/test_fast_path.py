@@ -154,14 +154,14 @@ def _real_mask_factors_for_random_mask(mask, n1, n2):
     return mask, (torch.cat([mask, zero], -1), torch.cat([eye, zero[:, :1].expand(-1, n2, 1)], -1))
 
 
-def _attention_inputs(masked, requires_grad=True, seed=1, n2=8):
+def _attention_inputs(masked, requires_grad=True, seed=1, n2=8, batch=2):
     torch.manual_seed(seed)
     t = AffineTransform(2)
     n_w, n1 = 3, 16
     table = torch.randn(1, 5, 5, 2)
     index = torch.randint(0, 25, (n1, n2))
     mask = (torch.rand(n_w, n1, n2) > 0.7).float() * -100 if masked else None
-    qkv = [torch.randn(2 * n_w, 2, n, 4, requires_grad=requires_grad) for n in (n1, n2, n2)]
+    qkv = [torch.randn(batch * n_w, 2, n, 4, requires_grad=requires_grad) for n in (n1, n2, n2)]
     return t, table, index, mask, qkv
 
 
@@ -210,18 +210,55 @@ def test_eval_bias_cache_reused_and_invalidated_by_weight_changes():
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("n2", [8, 40])
-def test_fused_eval_path_matches_reference(masked, n2, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_eval_path_matches_reference(masked, n2, batch, monkeypatch):
     """Eval: with few keys (8, GRL's anchors at 8x8 windows) explicit logits + softmax, with
-    more (40) the fused kernel; both give the reference's result."""
+    more (40) the fused kernel; both give the reference's result, for one image (its windows
+    are the kernel's batch) and two (the per-window bias + mask broadcast over images)."""
     fused_calls = []
     real = attention_mod._fused
     monkeypatch.setattr(attention_mod, "_fused", lambda *a, **kw: (fused_calls.append(1), real(*a, **kw))[1])
-    t, table, index, mask, (q, k, v) = _attention_inputs(masked, requires_grad=False, n2=n2)
+    t, table, index, mask, (q, k, v) = _attention_inputs(masked, requires_grad=False, n2=n2, batch=batch)
     with torch.no_grad():
         ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
         fast = cosine_attention(q, k, v, t, table, index, mask, impl="sdpa")
-    assert (ref - fast).abs().max() <= TOL
-    assert len(fused_calls) == (n2 >= attention_mod._CPU_FUSED_MIN_KEYS)
+        again = cosine_attention(q, k, v, t, table, index, mask, impl="sdpa")  # from the bias cache
+    assert (ref - fast).abs().max() <= TOL and torch.equal(fast, again)
+    assert len(fused_calls) == 2 * (n2 >= attention_mod._CPU_FUSED_MIN_KEYS)
+    if masked:  # small windows: the eval cache holds bias + mask, one (nW, heads, N1, N2) tensor
+        (entry,) = t._bias_cache.values()
+        assert entry[0][2] is mask and entry[2].shape == (mask.shape[0], 2) + tuple(index.shape)
+
+
+def test_masked_position_bias_is_bias_plus_mask_and_cached():
+    t, table, index, mask, _ = _attention_inputs(True, requires_grad=False)
+    with torch.no_grad():
+        plain = t.position_bias(table, index)
+        full = t.position_bias(table, index, mask)
+        assert full.shape == (3, 2, 16, 8)
+        for w in range(3):  # cell by cell: window w, head h is bias[h] + mask[w]
+            for h in range(2):
+                assert torch.equal(full[w, h], plain[h] + mask[w])
+        assert t.position_bias(table, index, mask) is full  # cached beside the plain bias
+        assert t.position_bias(table, index) is plain
+        other = mask.clone()  # another mask object: its own entry, never the cached sum
+        assert t.position_bias(table, index, other) is not full
+
+
+def test_normalize_qk_equals_normalize_times_scale():
+    from grl_plugin.layers.attention import normalize_qk
+    torch.manual_seed(0)
+    qk = torch.randn(5, 7, 2, 3, 4, requires_grad=True)
+    with torch.no_grad():
+        qk[0, 0, 1, 2] = 0.0  # a zero key stays zero (F.normalize's eps)
+    scale = torch.rand(3, 1, 1) * 10
+    out = normalize_qk(qk, scale)
+    q_ref = F.normalize(qk[:, :, 0], dim=-1) * scale.view(3, 1)
+    k_ref = F.normalize(qk[:, :, 1], dim=-1)
+    assert torch.allclose(out[:, :, 0], q_ref, atol=1e-6) and torch.allclose(out[:, :, 1], k_ref, atol=1e-6)
+    assert torch.equal(out[0, 0, 1, 2], torch.zeros(4))
+    g, = torch.autograd.grad((out * torch.randn_like(out)).sum(), qk)
+    assert torch.isfinite(g).all()
 
 
 @pytest.mark.parametrize("size,part,shift", [((16, 24), (8, 8), (4, 4)), ((16, 24), (4, 12), (0, 6)),

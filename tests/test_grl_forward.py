@@ -39,13 +39,14 @@ def test_odd_sizes_model_yaml_style(size):
     assert y.shape == (1, 3, size[0] * 2, size[1] * 2) and torch.isfinite(y).all()
 
 
-def test_sdpa_equals_reference_path():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sdpa_equals_reference_path(batch):
     torch.manual_seed(0)
     model = GRL(**dict(TINY, depths=[4]), upsampler="pixelshuffle", upscale=2,
                 local_connection=True).eval()
     for p in model.parameters():  # make logit scales, CPB MLPs and norms non-trivial
         p.data.add_(torch.randn_like(p) * 0.05)
-    x = torch.rand(2, 3, 21, 30)
+    x = torch.rand(batch, 3, 21, 30)
     with torch.no_grad():
         fast = model(x)
         ref = model.set_attn_impl("reference")(x)

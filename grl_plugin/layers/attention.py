@@ -12,8 +12,9 @@ Two implementations give the same result:
     the official steps one by one (SPEC §5 literally: MLP on the table, gather, sigmoid,
     logits, scale, bias, mask, softmax, @ v); the oracle.
 ``"sdpa"`` (default)
-    the logit scale is folded into the normalised queries and bias + mask form one additive
-    mask. Without autograd it calls ``F.scaled_dot_product_attention`` (a fused kernel on CPU
+    the logit scale is folded into the normalised queries (:func:`normalize_qk` does queries
+    and keys in one pass; the window and stripe modules call it and pass ``normalized=True``)
+    and bias + mask form one additive mask. Without autograd it calls ``F.scaled_dot_product_attention`` (a fused kernel on CPU
     and CUDA: no N1 x N2 logits written to memory), except on CPU with fewer than
     ``_CPU_FUSED_MIN_KEYS`` keys per query (GRL's 8 anchors per stripe at 8x8 windows), where
     explicit logits and an in-place softmax take a quarter of the fused kernel's time. With autograd on CUDA it also calls SDPA;
@@ -77,7 +78,7 @@ def set_bias_cache(enabled: bool = True, max_mib: Optional[float] = None) -> Non
 
 def bias_cache_bytes() -> int:
     """Bytes held by the eval-time position-bias caches of all live modules."""
-    return sum(entry[3].numel() * entry[3].element_size()
+    return sum(entry[2].numel() * entry[2].element_size()
                for module in list(_CACHING) for entry in module._bias_cache.values())
 
 
@@ -132,8 +133,10 @@ class AffineTransform(nn.Module):
         bias = values[index.reshape(-1)].view(*index.shape, -1).permute(2, 0, 1).contiguous()
         return 16 * torch.sigmoid(bias)
 
-    def position_bias(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """16 * sigmoid(cpb_mlp(table)) gathered by ``index`` (N1, N2) -> (heads, N1, N2).
+    def position_bias(self, table: torch.Tensor, index: torch.Tensor,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """16 * sigmoid(cpb_mlp(table)) gathered by ``index`` (N1, N2) -> (heads, N1, N2), or
+        with an (nW, N1, N2) region ``mask`` the sum bias + mask -> (nW, heads, N1, N2).
 
         Same values as :meth:`position_bias_reference`, computed head-major on the small
         table: the MLP runs on the (T, 2) table as two plain matrix products giving (heads, T)
@@ -142,23 +145,28 @@ class AffineTransform(nn.Module):
         ``index_add_`` backward instead of ``index_put_(accumulate=True)``, which sorts the
         N1 * N2 index on every call). Cached while no gradient is needed (see
         :func:`set_bias_cache`); the cache key holds the weights' versions, so an optimizer
-        step or ``load_state_dict`` invalidates it.
+        step or ``load_state_dict`` invalidates it. (The masked sum is what small shifted
+        windows hand the attention kernel; caching it saves forming it at every forward.)
         """
         lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
         cache = (_BIAS_CACHE["enabled"] and not torch.is_grad_enabled()
                  and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
+        key = (id(table), id(index), id(mask))
         if cache:
             versions = tuple((p.data_ptr(), p._version) for p in (lin1.weight, lin1.bias, lin2.weight))
-            hit = self._bias_cache.get((id(table), id(index)))
-            # the entry holds table and index themselves, so their ids cannot be reused meanwhile
-            if hit is not None and hit[0] is table and hit[1] is index and hit[2] == versions:
-                return hit[3]
+            hit = self._bias_cache.get(key)
+            # the entry holds table, index and mask themselves, so their ids cannot be reused meanwhile
+            if (hit is not None and all(a is b for a, b in zip(hit[0], (table, index, mask)))
+                    and hit[1] == versions):
+                return hit[2]
         bias = _gather_bias(self.bias_values(table), index, table.shape[-2])
+        if mask is not None:
+            bias = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)
         if cache:
             if len(self._bias_cache) >= _CACHE_ENTRIES:  # e.g. tiles of another size: drop the oldest
                 self._bias_cache.pop(next(iter(self._bias_cache)))
             if bias_cache_bytes() + bias.numel() * bias.element_size() <= _BIAS_CACHE["max_bytes"]:
-                self._bias_cache[(id(table), id(index))] = (table, index, versions, bias)
+                self._bias_cache[key] = ((table, index, mask), versions, bias)
                 _CACHING.add(self)
         return bias
 
@@ -315,7 +323,7 @@ def _logits_(q, k, bias, mask, lse=None):
         s.sub_(lse.unsqueeze(-1))
     heads = s.shape[1]
     if mask is None:
-        s.add_(bias)
+        s.view(-1, *bias.shape).add_(bias)  # bias (heads, N1, N2), or bias + mask (nW, heads, N1, N2)
     else:
         sv = s.view(-1, mask.shape[0], heads, n1, n2)
         sv.add_(bias)
@@ -399,28 +407,32 @@ def _sdpa(q, k, v, bias, mask, kernel, multiple: int = 1):
     """Run ``kernel(q, k, v, attn_mask)`` (4-D SDPA operands; it returns ``(out, lse or None)``)
     with bias (+ mask) as the additive mask -> (out (B*nW, heads, N1, dv), lse or None).
 
-    The bias is broadcast over the batch and the windows (stride 0). A region mask enters as R
-    extra columns of q and k (:func:`~.geometry.mask_factors`; zero columns of v match them,
-    R rounded up to ``multiple`` for the kernel's head-dim alignment), so that no
+    ``bias`` is (heads, N1, N2), broadcast over the batch and the windows (stride 0), or bias +
+    mask already formed per window, (nW, heads, N1, N2) (``mask`` then ``None``). A region mask
+    enters as R extra columns of q and k (:func:`~.geometry.mask_factors`; zero columns of v
+    match them, R rounded up to ``multiple`` for the kernel's head-dim alignment), so that no
     (windows, heads, N1, N2) bias + mask is written. Small windows (fewer than
     ``_MASK_COLUMNS_MIN_PAIRS`` query-key pairs, e.g. 8x8), masks that do not factor, and all
     masks under ``torch.compile`` add the mask to the bias for every window instead."""
-    heads, n1, n2 = bias.shape
+    heads, n1, n2 = bias.shape[-3:]
     n = q.shape[0]
-    mask, factors = _mask_columns(mask, n1, n2)
-    d, dv = q.shape[-1], v.shape[-1]
-    if factors is not None and dv <= d + factors[0].shape[-1]:
-        r = factors[0].shape[-1]
-        pad = -r % multiple
-        out, lse = kernel(_with_columns(q, factors[0], pad), _with_columns(k, factors[1], pad),
-                          F.pad(v, (0, d + r + pad - dv)), bias.unsqueeze(0).expand(n, -1, -1, -1))
-        return out[..., :dv], lse
-    if mask is None:
-        return kernel(q, k, v, bias.unsqueeze(0).expand(n, -1, -1, -1))
-    n_w = mask.shape[0]
-    full = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)).view(1, n_w * heads, n1, n2)
+    if bias.dim() == 3:
+        mask, factors = _mask_columns(mask, n1, n2)
+        d, dv = q.shape[-1], v.shape[-1]
+        if factors is not None and dv <= d + factors[0].shape[-1]:
+            r = factors[0].shape[-1]
+            pad = -r % multiple
+            out, lse = kernel(_with_columns(q, factors[0], pad), _with_columns(k, factors[1], pad),
+                              F.pad(v, (0, d + r + pad - dv)), bias.unsqueeze(0).expand(n, -1, -1, -1))
+            return out[..., :dv], lse
+        if mask is None:
+            return kernel(q, k, v, bias.unsqueeze(0).expand(n, -1, -1, -1))
+        bias = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)
+    n_w = bias.shape[0]
+    if n == n_w:  # one image: its windows are the batch
+        return kernel(q, k, v, bias)
     out, lse = kernel(*(x.reshape(n // n_w, n_w * heads, *x.shape[2:]) for x in (q, k, v)),
-                      full.expand(n // n_w, -1, -1, -1))
+                      bias.view(1, n_w * heads, n1, n2).expand(n // n_w, -1, -1, -1))
     return out.reshape(n, heads, n1, -1), lse if lse is None else lse.reshape(n, heads, n1)
 
 
@@ -455,9 +467,26 @@ def _fused_with_lse(q, k, v, bias, mask):
                  lambda qs, ks, vs, m: _FLASH_CPU(qs, ks, vs, 0.0, False, attn_mask=m, scale=1.0))
 
 
+def normalize_qk(qk: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Cosine-attention normalisation of queries and keys stacked in one tensor, in one pass.
+
+    Args:
+        qk: (..., 2, heads, d): the queries at index 0 of dim -3, the keys at index 1 (e.g. a
+            view of partitioned (B', N, 3, heads, d) QKV tokens).
+        scale: (heads, 1, 1) logit scale (:meth:`AffineTransform.scale`).
+
+    Returns:
+        (..., 2, heads, d): ``q * scale / |q|`` and ``k / |k|`` (the logit scale folded into
+        the queries), ready for :func:`cosine_attention` with ``normalized=True``.
+    """
+    heads = qk.shape[-2]
+    factor = torch.stack([scale.reshape(heads, 1).to(qk.dtype), qk.new_ones(heads, 1)])
+    return qk * (factor / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(_EPS))
+
+
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transform: AffineTransform,
                      table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                     dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
+                     dropout_p: float = 0.0, impl: str = "sdpa", normalized: bool = False) -> torch.Tensor:
     """Scaled cosine attention with position bias and optional region mask.
 
     Args:
@@ -468,6 +497,8 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
             over the nW windows (as produced by the window/stripe partition).
         dropout_p: attention dropout (only applied when > 0).
         impl: ``"sdpa"`` or ``"reference"``.
+        normalized: ``"sdpa"`` only: q and k are already normalised and q carries the logit
+            scale (:func:`normalize_qk`), as the window and stripe modules hand them over.
 
     Returns:
         (B*nW, heads, N1, dv).
@@ -486,9 +517,9 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         return attn @ v
     if impl != "sdpa":
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    # normalise q and fold the logit scale in with one pass over q: q * (scale / |q|)
-    q = q * (transform.scale().to(q.dtype) / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_EPS))
-    k = F.normalize(k, dim=-1, eps=_EPS)
+    if not normalized:  # normalise q and fold the logit scale in with one pass over q: q * (scale / |q|)
+        q = q * (transform.scale().to(q.dtype) / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_EPS))
+        k = F.normalize(k, dim=-1, eps=_EPS)
     exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
     if (q.device.type == "cpu" and torch.is_grad_enabled() and dropout_p == 0 and not exporting
             and not torch.compiler.is_compiling()):  # CPU training: the lean autograd function
@@ -498,7 +529,14 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
             return _LeanAttention.apply(q, k, v, values, index, mask, _keep_probs(q, k, v), table.shape[-2])
         bias = _gather_bias(values, index, table.shape[-2])
     else:
-        bias = transform.position_bias(table, index).to(q.dtype)
+        bias = None
+        if (mask is not None and not exporting and dropout_p == 0 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            mask, factors = _mask_columns(mask, *index.shape)
+            if mask is not None and factors is None:  # small windows: bias + mask, cached with the bias
+                bias, mask = transform.position_bias(table, index, mask).to(q.dtype), None
+        if bias is None:
+            bias = transform.position_bias(table, index).to(q.dtype)
     if exporting:  # in-place on views breaks export
         return _explicit(q, k, v, bias, mask, dropout_p, inplace=False)
     if dropout_p > 0:

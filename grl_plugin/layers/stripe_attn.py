@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import AffineTransform, cosine_attention
+from .attention import AffineTransform, cosine_attention, normalize_qk
 from .geometry import StripeGeometry
-from .window_attn import permute_tokens, split_heads, window_partition, window_reverse
+from .window_attn import partition_heads, permute_tokens, split_heads, window_partition, window_reverse
 
 ANCHOR_PROJ_TYPES = ("avgpool", "maxpool", "conv2d", "separable_conv", "patchmerging")
 
@@ -132,21 +133,23 @@ class AnchorStripeAttention(nn.Module):
         masked = self.stripe_shift
         drop = self.attn_drop if self.training else 0.0
 
-        def attend(q, k, v, a):  # anchor -> window, then window -> anchor
-            y = cosine_attention(a, k, v, self.attn_transform1, geom.table, geom.index_a2w,
-                                 geom.mask_a2w if masked else None, drop, self.attn_impl)
+        def attend(q, k, v, a, a_query, normalized):  # anchor -> window, then window -> anchor
+            y = cosine_attention(a_query, k, v, self.attn_transform1, geom.table, geom.index_a2w,
+                                 geom.mask_a2w if masked else None, drop, self.attn_impl, normalized)
             return cosine_attention(q, a, y, self.attn_transform2, geom.table, geom.index_w2a,
-                                    geom.mask_w2a if masked else None, drop, self.attn_impl)
+                                    geom.mask_w2a if masked else None, drop, self.attn_impl, normalized)
 
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
             (order, inverse), (a_order, a_inverse) = geom.orders[masked], geom.anchor_orders[masked]
-            q, k, v = split_heads(permute_tokens(qkv, order, inverse).view(-1, stripe[0] * stripe[1], qkv.shape[-1]),
-                                  3, self.num_heads)
+            qkv = partition_heads(permute_tokens(qkv, order, inverse), stripe[0] * stripe[1], 3, self.num_heads)
+            # normalised once: q (scaled for stage 2) and k with one pass, the anchors (keys of
+            # stage 2, and scaled the queries of stage 1)
+            q, k = normalize_qk(qkv[:, :, :2], self.attn_transform2.scale()).transpose(1, 3).unbind(2)
             anchor = permute_tokens(anchor.reshape(B, -1, anchor.shape[-1]), a_order, a_inverse)
-            (a,) = split_heads(anchor.view(-1, anchor_stripe[0] * anchor_stripe[1], anchor.shape[-1]),
-                               1, self.num_heads)
-            y = rearrange(attend(q, k, v, a), "(b w) h n d -> b (w n) (h d)", b=B)
-            return permute_tokens(y, inverse, order, out)
+            a = F.normalize(partition_heads(anchor, anchor_stripe[0] * anchor_stripe[1], 1, self.num_heads)[:, :, 0],
+                            dim=-1).transpose(1, 2)
+            y = attend(q, k, qkv[:, :, 2].transpose(1, 2), a, a * self.attn_transform1.scale().to(a.dtype), True)
+            return permute_tokens(rearrange(y, "(b w) h n d -> b (w n) (h d)", b=B), inverse, order, out)
         # the official steps: roll, partition, attention, reverse, roll back
         qkv = qkv.view(B, H, W, -1)
         if any(shift):
@@ -154,7 +157,7 @@ class AnchorStripeAttention(nn.Module):
             anchor = torch.roll(anchor, shifts=(-anchor_shift[0], -anchor_shift[1]), dims=(1, 2))
         q, k, v = split_heads(window_partition(qkv, stripe), 3, self.num_heads)
         (a,) = split_heads(window_partition(anchor, anchor_stripe), 1, self.num_heads)
-        y = window_reverse(rearrange(attend(q, k, v, a), "b h n d -> b n (h d)"), stripe, (H, W))
+        y = window_reverse(rearrange(attend(q, k, v, a, a, False), "b h n d -> b n (h d)"), stripe, (H, W))
         if any(shift):
             y = torch.roll(y, shifts=shift, dims=(1, 2))
         y = y.reshape(B, H * W, -1)

@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import AffineTransform, cosine_attention
+from .attention import AffineTransform, cosine_attention, normalize_qk
 from .geometry import WindowGeometry
 
 
@@ -31,6 +31,21 @@ def split_heads(x: torch.Tensor, parts: int, heads: int):
     return x.unbind(0)
 
 
+def _gather_tokens(x: torch.Tensor, order: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x.index_select(1, order)`` for (B, L, C) tokens, into ``out`` when given.
+
+    On CPU as one (L, C) row gather per image: that kernel copies whole rows and takes about
+    a third to two thirds of the time of ``index_select`` along dim 1 of the 3-D tensor
+    (measured, 4096 tokens of 32-96 channels, 2 threads)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return x.index_select(1, order) if out is None else torch.index_select(x, 1, order, out=out)
+    if out is None:
+        out = x.new_empty(x.shape[0], order.numel(), x.shape[2])
+    for b in range(x.shape[0]):
+        torch.index_select(x[b], 0, order, out=out[b])
+    return out
+
+
 class _PermuteTokens(torch.autograd.Function):
     """``x.index_select(1, order)`` whose backward is the gather ``grad.index_select(1, inverse)``
     (``index_select``'s own backward scatters with ``index_add_``)."""
@@ -38,12 +53,12 @@ class _PermuteTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, order, inverse):
         ctx.save_for_backward(inverse)
-        return x.index_select(1, order)
+        return _gather_tokens(x, order)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
+        return _gather_tokens(grad, inverse), None, None
 
 
 def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
@@ -55,9 +70,12 @@ def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
     autograd the result can be written straight into ``out`` (e.g. half of a wider buffer)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _PermuteTokens.apply(x, order, inverse)
-    if out is None:
-        return x.index_select(1, order)
-    return torch.index_select(x, 1, order, out=out)
+    return _gather_tokens(x, order, out)
+
+
+def partition_heads(tokens: torch.Tensor, n: int, parts: int, heads: int) -> torch.Tensor:
+    """Partitioned (B, nW * n, parts * heads * d) tokens -> a (B * nW, n, parts, heads, d) view."""
+    return tokens.view(-1, n, parts, heads, tokens.shape[-1] // (parts * heads))
 
 
 class WindowAttention(nn.Module):
@@ -94,17 +112,17 @@ class WindowAttention(nn.Module):
         ws = (self.window_size, self.window_size)
         shift = geom.shift if self.window_shift else 0
 
-        def attend(q, k, v):
+        def attend(q, k, v, normalized=False):
             return cosine_attention(q, k, v, self.attn_transform, geom.table, geom.index,
                                     geom.mask if shift else None,
-                                    self.attn_drop if self.training else 0.0, self.attn_impl)
+                                    self.attn_drop if self.training else 0.0, self.attn_impl, normalized)
 
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
             order, inverse = geom.orders[1 if shift else 0]
-            q, k, v = split_heads(permute_tokens(qkv, order, inverse).view(-1, ws[0] * ws[1], qkv.shape[-1]),
-                                  3, self.num_heads)
-            y = rearrange(attend(q, k, v), "(b w) h n d -> b (w n) (h d)", b=B)
-            return permute_tokens(y, inverse, order, out)
+            qkv = partition_heads(permute_tokens(qkv, order, inverse), ws[0] * ws[1], 3, self.num_heads)
+            q, k = normalize_qk(qkv[:, :, :2], self.attn_transform.scale()).transpose(1, 3).unbind(2)
+            y = attend(q, k, qkv[:, :, 2].transpose(1, 2), normalized=True)
+            return permute_tokens(rearrange(y, "(b w) h n d -> b (w n) (h d)", b=B), inverse, order, out)
         # the official steps: roll, partition, attention, reverse, roll back
         qkv = qkv.view(B, H, W, -1)
         if shift:
