@@ -283,10 +283,14 @@ class GRLBlock(_MapOrTokens):
 
     def forward_tokens(self, x: torch.Tensor, x_size: Tuple[int, int],
                        geom: Optional[GRLGeometry] = None) -> torch.Tensor:
-        y = x + self.res_scale * self.drop_path(self.norm1(self.attn(x, x_size, geom)))
+        y = self._residual(x, self.norm1(self.attn(x, x_size, geom)))
         if self.conv is not None:
             y = y + self.conv(x, x_size)
-        return y + self.res_scale * self.drop_path(self.norm2(self.mlp(y)))
+        return self._residual(y, self.norm2(self.mlp(y)))
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + res_scale * drop_path(branch)`` as one scaled add (no pass for the scale)."""
+        return torch.add(x, self.drop_path(branch), alpha=self.res_scale)
 
 
 def default_heads(dim: int) -> int:
