@@ -65,8 +65,10 @@ def set_bias_cache(enabled: bool = True, max_mib: Optional[float] = None) -> Non
     """Switch the eval-time position-bias cache on (default) or off, and set its budget.
 
     The cache keeps one (heads, N1, N2) tensor per attention module and geometry (e.g. 24 MiB
-    per GRL-T block and 36 MiB per GRL-B block at the SR settings, a few KiB with 8x8 windows),
-    which saves recomputing and gathering the bias at every eval forward. All modules together
+    per GRL-T block and 36 MiB per GRL-B block at the SR settings, a few KiB with 8x8 windows;
+    for shifted 8x8 windows the (nW, heads, N1, N2) bias + mask, which grows with the window
+    count: 2 MiB per GRL-T block at 64x64, 8 MiB at 128x128), which saves recomputing and
+    gathering the bias (and adding the mask) at every eval forward. All modules together
     keep at most ``max_mib`` (default 512 MiB: all of GRL-T/S at the SR settings, about a third
     of GRL-B's 1.4 GiB); the modules beyond the budget recompute theirs. ``enabled=False`` frees
     nothing already cached (``model.train()`` or a training forward does).
