@@ -18,6 +18,7 @@ Usage::
     python benchmarks/bench_attention.py                      # T/S/B model-YAML + @sr configs at 64x64
     python benchmarks/bench_attention.py --configs tiny@sr small@sr --sizes 64 128 --repeats 5
     python benchmarks/bench_attention.py --quick              # smoke run (tiny, 32x32, 1 repeat)
+    python benchmarks/bench_attention.py --configs tiny small base --breakdown   # where eval time goes
 
 The glibc malloc settings of the official baseline (BASELINE.md) are applied by re-executing
 the script with them unless ``--no-malloc-env`` is given; the memory subprocesses use a fixed
@@ -182,6 +183,55 @@ def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = Tr
     return row
 
 
+def breakdown(config: str, size: int, repeats: int, warmup: int) -> dict:
+    """Eval-forward time spent inside the window and stripe attention modules (the code the
+    ``attn_impl`` switch changes) vs the whole forward, reference and fast, interleaved in one
+    process; medians over ``repeats`` rounds. What is left (projections, MLPs, norms, convs,
+    head) is the same code in both paths, so ``rest / reference total`` bounds fast/ref from
+    below however fast the attention gets."""
+    torch, *_ = _imports()
+    from grl_plugin.layers import AnchorStripeAttention, WindowAttention
+    models = build(config, size, impls=("reference", "fast"))
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, size, size)
+    inside = {"t": 0.0}
+    started = {}
+    for m in models.values():
+        for mod in m.modules():
+            if isinstance(mod, (WindowAttention, AnchorStripeAttention)):
+                mod.register_forward_pre_hook(lambda mod, args: started.__setitem__(mod, time.perf_counter()))
+                mod.register_forward_hook(lambda mod, args, out: inside.__setitem__(
+                    "t", inside["t"] + time.perf_counter() - started.pop(mod)))
+    total = {k: [] for k in models}
+    attn = {k: [] for k in models}
+    for r in range(warmup + repeats):
+        for k, m in models.items():
+            inside["t"] = 0.0
+            t = time.perf_counter()
+            _fwd(torch, m, x)
+            if r >= warmup:
+                total[k].append(time.perf_counter() - t)
+                attn[k].append(inside["t"])
+    med = {k: (statistics.median(total[k]), statistics.median(attn[k])) for k in models}
+    return {"config": config, "size": size, "total": {k: v[0] for k, v in med.items()},
+            "attention": {k: v[1] for k, v in med.items()}, "load": os.getloadavg()[0]}
+
+
+def format_breakdown(rows) -> str:
+    """Markdown table of :func:`breakdown` rows (milliseconds and ratios)."""
+    head = ("| config | input | fwd reference total / attention (ms) | fwd fast total / attention (ms) | "
+            "fwd fast/ref | attention fast/ref | rest / reference total (floor of fast/ref) | load |")
+    lines = [head, _rule(head)]
+    for r in rows:
+        tot, att = r["total"], r["attention"]
+        rest = tot["reference"] - att["reference"]
+        lines.append(
+            f"| {r['config']} | {r['size']}x{r['size']} | {tot['reference'] * 1e3:.1f} / {att['reference'] * 1e3:.1f} | "
+            f"{tot['fast'] * 1e3:.1f} / {att['fast'] * 1e3:.1f} | {tot['fast'] / tot['reference']:.2f} | "
+            f"{att['fast'] / att['reference']:.2f} | {rest / tot['reference']:.2f} | {r['load']:.2f} |")
+    return "\n".join(lines)
+
+
 def format_table(rows) -> str:
     """Two markdown tables: timings (+ max |diff|) and peak memory, with ratios to reference."""
     variants = [v for v in VARIANTS if rows and v in rows[0]["train"]]
@@ -235,6 +285,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-variants", action="store_true", help="skip the fast_keepP / fast_ckpt training variants")
     p.add_argument("--no-official", nargs="*", default=[], metavar="CONFIG",
                    help="leave the official oracle out for these configs (all if none named): NaN columns")
+    p.add_argument("--breakdown", action="store_true",
+                   help="instead of the main tables: eval time inside the attention modules vs the rest "
+                        "(reference and fast), and the floor that the shared rest puts under fast/ref")
     p.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._memory_child:
@@ -247,6 +300,12 @@ def main(argv=None) -> int:
     import torch
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    if args.breakdown:
+        rows = [breakdown(config, size, args.repeats, args.warmup) for size in args.sizes for config in args.configs]
+        print(format_breakdown(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     rows = []
     for size in args.sizes:
         for config in args.configs:

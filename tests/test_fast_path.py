@@ -144,6 +144,22 @@ def test_bench_attention_quick_smoke():
     assert re.fullmatch(r"[\d.]+", row["fwd fast/ref"])
 
 
+def test_bench_attention_breakdown_smoke():
+    """``--breakdown``: attention time is a part of each total, and the floor is the shared rest."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick", "--breakdown"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout.splitlines()
+    (head,) = [ln for ln in out if ln.startswith("| config")]
+    (line,) = [ln for ln in out if ln.startswith("| tiny |")]
+    row = dict(zip([c.strip() for c in head.strip("|").split("|")], [c.strip() for c in line.strip("|").split("|")]))
+    ref_total, ref_attn = map(float, row["fwd reference total / attention (ms)"].split("/"))
+    fast_total, fast_attn = map(float, row["fwd fast total / attention (ms)"].split("/"))
+    assert 0 < ref_attn < ref_total and 0 < fast_attn < fast_total
+    assert abs(float(row["fwd fast/ref"]) - fast_total / ref_total) <= 0.006
+    assert abs(float(row["rest / reference total (floor of fast/ref)"]) - (1 - ref_attn / ref_total)) <= 0.006
+
+
 def _real_mask_factors_for_random_mask(mask, n1, n2):
     """``_mask_columns`` for the random test masks (which do not factor by regions): exact
     factors a = [mask, 0], b = [identity, 0] (R = N2 + 1 columns, not a multiple of 8)."""
