@@ -246,6 +246,9 @@ def test_fused_eval_path_matches_reference(masked, n2, batch, monkeypatch):
         assert entry[0][2] is mask and entry[2].shape == (mask.shape[0], 2) + tuple(index.shape)
 
 
+MASK = -100.0
+
+
 def test_masked_position_bias_is_bias_plus_mask_and_cached():
     t, table, index, mask, _ = _attention_inputs(True, requires_grad=False)
     with torch.no_grad():
@@ -258,7 +261,11 @@ def test_masked_position_bias_is_bias_plus_mask_and_cached():
         assert t.position_bias(table, index, mask) is full  # cached beside the plain bias
         assert t.position_bias(table, index) is plain
         other = mask.clone()  # another mask object: its own entry, never the cached sum
-        assert t.position_bias(table, index, other) is not full
+        other_full = t.position_bias(table, index, other)
+        assert other_full is not full and torch.equal(other_full, full)
+        other[0].fill_(MASK)  # ...so a different mask gives its own sum
+        changed = t.position_bias(table, index, other.clone())
+        assert torch.equal(changed[0], plain + MASK) and torch.equal(changed[1:], full[1:])
 
 
 def test_normalize_qk_equals_normalize_times_scale():
