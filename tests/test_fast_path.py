@@ -284,6 +284,50 @@ def test_normalize_qk_equals_normalize_times_scale():
     assert torch.isfinite(g).all()
 
 
+def test_normalize_qk_gradients_match_autograd_of_the_formula():
+    """The hand-written backward (input and logit-scale gradients) equals autograd through
+    F.normalize, including a zero vector (norm clamped to eps), and passes gradcheck."""
+    from grl_plugin.layers.attention import normalize_qk
+    torch.manual_seed(0)
+    base = torch.randn(3, 5, 2, 2, 6, dtype=torch.float64)
+    base[1, 2, 0, 1] = 0.0
+    log_scale = torch.randn(2, 1, 1, dtype=torch.float64)
+    qk, ls = base.clone().requires_grad_(), log_scale.clone().requires_grad_()
+    out = normalize_qk(qk, ls.exp())
+    w = torch.randn_like(out)
+    g_qk, g_ls = torch.autograd.grad((out * w).sum(), (qk, ls))
+    qk2, ls2 = base.clone().requires_grad_(), log_scale.clone().requires_grad_()
+    ref = torch.stack([F.normalize(qk2[:, :, 0], dim=-1) * ls2.exp().view(2, 1),
+                       F.normalize(qk2[:, :, 1], dim=-1)], 2)
+    r_qk, r_ls = torch.autograd.grad((ref * w).sum(), (qk2, ls2))
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert torch.allclose(g_qk, r_qk, atol=1e-10) and torch.allclose(g_ls, r_ls, atol=1e-10)
+    assert torch.allclose(g_qk[1, 2, 0, 1], r_qk[1, 2, 0, 1], rtol=1e-12, atol=0)  # w * scale / eps
+    small = (torch.randn(2, 3, 2, 2, 4, dtype=torch.float64, requires_grad=True),
+             torch.rand(2, 1, 1, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(lambda x, s: normalize_qk(x, s + 0.5), small)
+
+
+def test_normalize_qk_keeps_no_reference_to_its_input():
+    """With autograd, what it saves for the backward shares no storage with its input (a view
+    of the whole partitioned QKV buffer in the window/stripe modules); without autograd it
+    never writes into its input."""
+    from grl_plugin.layers.attention import normalize_qk
+    buf = torch.randn(4, 8, 3, 2, 5, requires_grad=True) * 1.0  # non-leaf, as in the modules
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        out = normalize_qk(buf[:, :, :2], torch.full((2, 1, 1), 3.0))
+    assert saved and buf.untyped_storage().data_ptr() not in saved
+    assert out.untyped_storage().data_ptr() in saved  # the output is what it keeps
+    x = torch.randn(4, 8, 2, 2, 5)
+    before = x.clone()
+    with torch.no_grad():
+        y = normalize_qk(x, torch.ones(2, 1, 1))
+    assert torch.equal(x, before) and y.is_contiguous()
+    assert torch.allclose(y.norm(dim=-1), torch.ones(4, 8, 2, 2))
+
+
 @pytest.mark.parametrize("size,part,shift", [((16, 24), (8, 8), (4, 4)), ((16, 24), (4, 12), (0, 6)),
                                              ((8, 8), (8, 8), (0, 0)), ((12, 8), (6, 2), (3, 1))])
 def test_partition_order_is_roll_then_partition(size, part, shift):
@@ -518,3 +562,36 @@ def test_two_step_bias_gather_equals_plain_gather(monkeypatch):
         g2, = torch.autograd.grad((two * w).sum(), values)
         assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-4)  # (sums in another order)
     assert gather_plan(relative_index((2, 2), 1, True, cpu), 3) is None  # runs of 2
+
+
+def test_lean_mlp_matches_plain_mlp_and_keeps_less():
+    """The lean MLP (training path) gives the plain MLP's output and gradients (input, both
+    weights and biases) and keeps no GELU output for the backward; the reference path of
+    GRLBlock uses the plain one."""
+    from grl_plugin.layers import GRLBlock, Mlp
+    from grl_plugin.layers.block import _LeanMlp
+    torch.manual_seed(0)
+    lean, plain = Mlp(6, 10).double(), Mlp(6, 10, lean=False).double()
+    plain.load_state_dict(lean.state_dict())
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 7, 6, dtype=torch.float64)
+    grads = []
+    for m in (lean, plain):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = m(x)
+        grads.append((out, torch.autograd.grad((out * w).sum(), [x, *m.parameters()]), saved))
+    (o1, g1, s1), (o2, g2, s2) = grads
+    assert torch.allclose(o1, o2, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g1, g2))
+    weights = {p.untyped_storage().data_ptr() for m in (lean, plain) for p in m.parameters()}
+
+    def activations(saved):  # values kept for the backward, weights left out, shared storage once
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        return sum(n for ptr, n in storages.items() if ptr not in weights) // 8
+
+    assert activations(s1) == 2 * 7 * (6 + 10) and activations(s2) == 2 * 7 * (6 + 10 + 10)
+    params = [p.detach().clone().requires_grad_() for p in lean.parameters()]
+    assert torch.autograd.gradcheck(lambda *a: _LeanMlp.apply(*a), (x.detach().requires_grad_(), *params))
+    assert GRLBlock(16, 2, 2, attn_impl="reference").mlp.lean is False
+    assert GRLBlock(16, 2, 2).mlp.lean is True

@@ -68,18 +68,63 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``)."""
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (the one-argument form needs torch >= 2.4)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+
+class _LeanMlp(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) for autograd, saving x and fc1's output only: the backward recomputes
+    gelu(h) (one elementwise pass) instead of keeping it, i.e. ``hidden`` fewer values per
+    token than autograd keeps (which saves both h for the GELU and gelu(h) for fc2)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        h = F.linear(x, w1, b1)
+        ctx.save_for_backward(x, h, w1, w2)
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        return F.linear(F.gelu(h), w2, b2)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, h, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        d_out2 = d_out.reshape(-1, d_out.shape[-1])
+        d_w2 = d_out2.t().mm(F.gelu(h).reshape(-1, h.shape[-1])) if need_w2 else None
+        d_b2 = d_out2.sum(0) if need_b2 and ctx.has_bias[1] else None
+        d_h = torch.ops.aten.gelu_backward(torch.matmul(d_out, w2), h)
+        d_h2 = d_h.reshape(-1, d_h.shape[-1])
+        d_w1 = d_h2.t().mm(x.reshape(-1, x.shape[-1])) if need_w1 else None
+        d_b1 = d_h2.sum(0) if need_b1 and ctx.has_bias[0] else None
+        d_x = torch.matmul(d_h, w1) if need_x else None
+        return d_x, d_w1, d_b1, d_w2, d_b2
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``).
+
+    ``lean`` (default): in training without dropout or autocast, :class:`_LeanMlp` keeps
+    ``hidden`` fewer values per token for the backward (recomputing the GELU); same outputs
+    and gradients. The reference path of :class:`GRLBlock` turns it off.
+    """
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, lean: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
+        self.lean = lean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.lean and torch.is_grad_enabled() and (self.drop1.p == 0 or not self.training)
+                and not _autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
+            return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
@@ -274,7 +319,7 @@ class GRLBlock(_MapOrTokens):
         self.norm1 = nn.LayerNorm(dim)
         self.conv = CAB(dim) if local_connection else None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, lean=attn_impl != "reference")
         self.norm2 = nn.LayerNorm(dim)
 
     @property
