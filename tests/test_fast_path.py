@@ -268,64 +268,76 @@ def test_masked_position_bias_is_bias_plus_mask_and_cached():
         assert torch.equal(changed[0], plain + MASK) and torch.equal(changed[1:], full[1:])
 
 
-def test_normalize_qk_equals_normalize_times_scale():
-    from grl_plugin.layers.attention import normalize_qk
+def _normalize_qkv_formula(qkv, scale):
+    """The plain formula: split (B', N, 3, heads, d) into heads, F.normalize q and k, q * scale."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1), v
+
+
+def test_normalize_qkv_equals_normalize_times_scale():
+    from grl_plugin.layers.attention import normalize_qkv
     torch.manual_seed(0)
-    qk = torch.randn(5, 7, 2, 3, 4, requires_grad=True)
+    qkv = torch.randn(5, 7, 3, 3, 4, requires_grad=True)
     with torch.no_grad():
-        qk[0, 0, 1, 2] = 0.0  # a zero key stays zero (F.normalize's eps)
+        qkv[0, 0, 1, 2] = 0.0  # a zero key stays zero (F.normalize's eps)
     scale = torch.rand(3, 1, 1) * 10
-    out = normalize_qk(qk, scale)
-    q_ref = F.normalize(qk[:, :, 0], dim=-1) * scale.view(3, 1)
-    k_ref = F.normalize(qk[:, :, 1], dim=-1)
-    assert torch.allclose(out[:, :, 0], q_ref, atol=1e-6) and torch.allclose(out[:, :, 1], k_ref, atol=1e-6)
-    assert torch.equal(out[0, 0, 1, 2], torch.zeros(4))
-    g, = torch.autograd.grad((out * torch.randn_like(out)).sum(), qk)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out = normalize_qkv(qkv, scale)
+        for got, want in zip(out, _normalize_qkv_formula(qkv, scale)):
+            assert got.shape == (5, 3, 7, 4) and (got.is_contiguous() or not grad)
+            assert torch.allclose(got, want, atol=1e-6)
+        assert torch.equal(out[1][0, 2, 0], torch.zeros(4))
+    g, = torch.autograd.grad(sum((o * torch.randn_like(o)).sum() for o in normalize_qkv(qkv, scale)), qkv)
     assert torch.isfinite(g).all()
 
 
-def test_normalize_qk_gradients_match_autograd_of_the_formula():
-    """The hand-written backward (input and logit-scale gradients) equals autograd through
-    F.normalize, including a zero vector (norm clamped to eps), and passes gradcheck."""
-    from grl_plugin.layers.attention import normalize_qk
+def test_normalize_qkv_gradients_match_autograd_of_the_formula():
+    """The hand-written backward (input and logit-scale gradients, any output unused) equals
+    autograd through F.normalize, including a zero vector (norm clamped to eps), and passes
+    gradcheck."""
+    from grl_plugin.layers.attention import normalize_qkv
     torch.manual_seed(0)
-    base = torch.randn(3, 5, 2, 2, 6, dtype=torch.float64)
+    base = torch.randn(3, 5, 3, 2, 6, dtype=torch.float64)
     base[1, 2, 0, 1] = 0.0
     log_scale = torch.randn(2, 1, 1, dtype=torch.float64)
-    qk, ls = base.clone().requires_grad_(), log_scale.clone().requires_grad_()
-    out = normalize_qk(qk, ls.exp())
-    w = torch.randn_like(out)
-    g_qk, g_ls = torch.autograd.grad((out * w).sum(), (qk, ls))
-    qk2, ls2 = base.clone().requires_grad_(), log_scale.clone().requires_grad_()
-    ref = torch.stack([F.normalize(qk2[:, :, 0], dim=-1) * ls2.exp().view(2, 1),
-                       F.normalize(qk2[:, :, 1], dim=-1)], 2)
-    r_qk, r_ls = torch.autograd.grad((ref * w).sum(), (qk2, ls2))
-    assert torch.allclose(out, ref, atol=1e-12)
-    assert torch.allclose(g_qk, r_qk, atol=1e-10) and torch.allclose(g_ls, r_ls, atol=1e-10)
-    assert torch.allclose(g_qk[1, 2, 0, 1], r_qk[1, 2, 0, 1], rtol=1e-12, atol=0)  # w * scale / eps
-    small = (torch.randn(2, 3, 2, 2, 4, dtype=torch.float64, requires_grad=True),
+    weights = [torch.randn(3, 2, 5, 6, dtype=torch.float64) for _ in range(3)]
+    for used in ((0, 1, 2), (0, 1), (1, 2), (0,)):
+        grads = []
+        for fn in (normalize_qkv, _normalize_qkv_formula):
+            qkv, ls = base.clone().requires_grad_(), log_scale.clone().requires_grad_()
+            out = fn(qkv, ls.exp())
+            loss = sum((out[i] * weights[i]).sum() for i in used)
+            grads.append((out, torch.autograd.grad(loss, (qkv, ls), allow_unused=True)))
+        (o1, (g1, s1)), (o2, (g2, s2)) = grads
+        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(o1, o2))
+        assert torch.allclose(g1, g2, atol=1e-10), used
+        zero = torch.zeros_like(log_scale)  # (an unused q: None from autograd, zeros here)
+        assert torch.allclose(zero if s1 is None else s1, zero if s2 is None else s2, atol=1e-10), used
+        assert torch.allclose(g1[1, 2, 0, 1], g2[1, 2, 0, 1], rtol=1e-12, atol=0)  # w * scale / eps
+    small = (torch.randn(2, 3, 3, 2, 4, dtype=torch.float64, requires_grad=True),
              torch.rand(2, 1, 1, dtype=torch.float64, requires_grad=True))
-    assert torch.autograd.gradcheck(lambda x, s: normalize_qk(x, s + 0.5), small)
+    assert torch.autograd.gradcheck(lambda x, s: normalize_qkv(x, s + 0.5), small)
 
 
-def test_normalize_qk_keeps_no_reference_to_its_input():
+def test_normalize_qkv_keeps_no_reference_to_its_input():
     """With autograd, what it saves for the backward shares no storage with its input (a view
-    of the whole partitioned QKV buffer in the window/stripe modules); without autograd it
-    never writes into its input."""
-    from grl_plugin.layers.attention import normalize_qk
+    of the whole gathered QKV buffer in the window/stripe modules); without autograd it never
+    writes into its input."""
+    from grl_plugin.layers.attention import normalize_qkv
     buf = torch.randn(4, 8, 3, 2, 5, requires_grad=True) * 1.0  # non-leaf, as in the modules
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
                                                   lambda t: t):
-        out = normalize_qk(buf[:, :, :2], torch.full((2, 1, 1), 3.0))
+        out = normalize_qkv(buf, torch.full((2, 1, 1), 3.0))
     assert saved and buf.untyped_storage().data_ptr() not in saved
-    assert out.untyped_storage().data_ptr() in saved  # the output is what it keeps
-    x = torch.randn(4, 8, 2, 2, 5)
+    assert out[0].untyped_storage().data_ptr() in saved  # the output is what it keeps
+    x = torch.randn(4, 8, 3, 2, 5)
     before = x.clone()
     with torch.no_grad():
-        y = normalize_qk(x, torch.ones(2, 1, 1))
-    assert torch.equal(x, before) and y.is_contiguous()
-    assert torch.allclose(y.norm(dim=-1), torch.ones(4, 8, 2, 2))
+        q, k, v = normalize_qkv(x, torch.ones(2, 1, 1))
+    assert torch.equal(x, before) and torch.equal(v, x[:, :, 2].transpose(1, 2))
+    assert torch.allclose(k.norm(dim=-1), torch.ones(4, 2, 8))
 
 
 @pytest.mark.parametrize("size,part,shift", [((16, 24), (8, 8), (4, 4)), ((16, 24), (4, 12), (0, 6)),

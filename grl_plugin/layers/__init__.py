@@ -7,7 +7,7 @@
 * :class:`MixedAttention`, :class:`GRLBlock`, :class:`GRLStage` -- take (B, C, H, W) of any
   size, or (B, L, C) tokens with ``x_size``.
 """
-from .attention import (ATTN_IMPLS, AffineTransform, bias_cache_bytes, cosine_attention, normalize_qk,
+from .attention import (ATTN_IMPLS, AffineTransform, bias_cache_bytes, cosine_attention, normalize_qkv,
                         set_bias_cache, set_lean_backward)
 from .block import (CONV_TYPES, DropPath, GRLBlock, GRLStage, MixedAttention, Mlp,
                     build_last_conv, default_heads, pad_to_multiple, to_map, to_tokens)
@@ -20,7 +20,7 @@ __all__ = [
     "ATTN_IMPLS", "ANCHOR_PROJ_TYPES", "CONV_TYPES", "AffineTransform", "AnchorProjection",
     "AnchorStripeAttention", "CAB", "ChannelAttention", "DropPath", "GRLBlock", "GRLGeometry",
     "GRLStage", "MixedAttention", "Mlp", "WindowAttention", "build_last_conv", "clear_cache",
-    "cosine_attention", "default_heads", "normalize_qk", "grl_geometry", "pad_multiple", "pad_to_multiple",
+    "cosine_attention", "default_heads", "normalize_qkv", "grl_geometry", "pad_multiple", "pad_to_multiple",
     "set_bias_cache", "set_lean_backward", "bias_cache_bytes",
     "stripe_info", "to_map", "to_tokens", "window_partition", "window_reverse",
 ]

@@ -12,7 +12,7 @@ Two implementations give the same result:
     the official steps one by one (SPEC §5 literally: MLP on the table, gather, sigmoid,
     logits, scale, bias, mask, softmax, @ v); the oracle.
 ``"sdpa"`` (default)
-    the logit scale is folded into the normalised queries (:func:`normalize_qk` does queries
+    the logit scale is folded into the normalised queries (:func:`normalize_qkv` does queries
     and keys in one pass; the window and stripe modules call it and pass ``normalized=True``)
     and bias + mask form one additive mask. Without autograd it calls ``F.scaled_dot_product_attention`` (a fused kernel on CPU
     and CUDA: no N1 x N2 logits written to memory), except on CPU with fewer than
@@ -469,56 +469,87 @@ def _fused_with_lse(q, k, v, bias, mask):
                  lambda qs, ks, vs, m: _FLASH_CPU(qs, ks, vs, 0.0, False, attn_mask=m, scale=1.0))
 
 
-class _NormalizeQK(torch.autograd.Function):
-    """``qk * factor / max(|qk|, eps)`` over the last dim, saving only its output and the
-    inverse norms: the backward needs no copy of the input (which, as a view of the
-    partitioned QKV tokens, would keep that whole buffer alive until the backward).
+def _qkv_factor(scale: torch.Tensor, heads: int, dtype) -> torch.Tensor:
+    """(2, 1, heads, 1, 1): the logit scale for the queries, 1 for the keys."""
+    scale = scale.reshape(1, heads, 1, 1).to(dtype)
+    return torch.stack([scale, torch.ones_like(scale)])
 
-    With ``u = y / f``: ``dx = (f dy - y (u . dy)) / |x|`` (no projection term where the norm
-    was clamped to eps) and ``df = sum u . dy``."""
+
+def _split_normalize(qkv: torch.Tensor, factor: torch.Tensor):
+    """(y (3, B', heads, N, d) contiguous: normalised q * scale, k, raw v; inverse norms of q, k)."""
+    y = qkv.permute(2, 0, 3, 1, 4).clone(memory_format=torch.contiguous_format)
+    inv = torch.linalg.vector_norm(y[:2], dim=-1, keepdim=True).clamp_min_(_EPS).reciprocal_()
+    y[:2].mul_(inv * factor)
+    return y, inv
+
+
+class _NormalizeQKV(torch.autograd.Function):
+    """Autograd of :func:`normalize_qkv`: saves only its output (which the attention keeps
+    anyway) and the norms, not the partitioned QKV input, and writes the input gradient
+    straight into the input's layout (no zero-filled slice gradients to add up).
+
+    Per row, with ``u = y / f`` (f: the logit scale for queries, 1 for keys):
+    ``dx = (f dy - y (u . dy)) / |x|`` (no projection term where the norm was clamped to eps),
+    ``d scale = sum over queries of u . dy``."""
 
     @staticmethod
-    def forward(ctx, qk, factor):
-        y = qk.clone(memory_format=torch.contiguous_format)
-        inv = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min_(_EPS).reciprocal_()
-        y.mul_(inv * factor)
+    def forward(ctx, qkv, factor):
+        y, inv = _split_normalize(qkv, factor)
         ctx.save_for_backward(y, inv, factor)
-        return y
+        ctx.layout = qkv.shape
+        return y.unbind(0)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, d_q, d_k, d_v):
         y, inv, factor = ctx.saved_tensors
-        u_dy = torch.linalg.vecdot(y, dy, dim=-1).unsqueeze(-1).div_(factor)  # u . dy
-        d_factor = u_dy.reshape(-1, *factor.shape).sum(0) if ctx.needs_input_grad[1] else None
-        u_dy.masked_fill_(inv >= 1.0 / _EPS, 0.0)  # clamped norms: x / eps has no projection term
-        d_qk = torch.addcmul(dy * (factor * inv), y, u_dy.mul_(inv), value=-1.0)
-        return d_qk, d_factor
+        d_qkv = y.new_empty(ctx.layout)
+        d_view = d_qkv.permute(2, 0, 3, 1, 4)  # (3, B', heads, N, d) view of the result
+        if d_v is None:
+            d_view[2].zero_()
+        else:
+            d_view[2].copy_(d_v)
+        d_factor = torch.zeros_like(factor) if ctx.needs_input_grad[1] else None
+        for i, dy in enumerate((d_q, d_k)):
+            if dy is None:
+                d_view[i].zero_()
+                continue
+            u_dy = torch.linalg.vecdot(y[i], dy, dim=-1).unsqueeze(-1).div_(factor[i])
+            if d_factor is not None:
+                d_factor[i] = u_dy.sum((0, 2), keepdim=True)
+            u_dy.masked_fill_(inv[i] >= 1.0 / _EPS, 0.0).mul_(inv[i])  # clamped: x / eps
+            torch.addcmul(dy * (factor[i] * inv[i]), y[i], u_dy, value=-1.0, out=d_view[i])
+        return d_qkv, d_factor
 
 
-def normalize_qk(qk: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Cosine-attention normalisation of queries and keys stacked in one tensor, in one pass.
+def normalize_qkv(qkv: torch.Tensor, scale: torch.Tensor):
+    """Split partitioned QKV tokens into heads and normalise the queries and keys, in one copy.
 
     Args:
-        qk: (..., 2, heads, d): the queries at index 0 of dim -3, the keys at index 1 (e.g. a
-            view of partitioned (B', N, 3, heads, d) QKV tokens).
+        qkv: (B', N, 3, heads, d): tokens of B' windows/stripes, channels in the official
+            (part, head, d) order (a view of the partitioned QKV projection).
         scale: (heads, 1, 1) logit scale (:meth:`AffineTransform.scale`).
 
     Returns:
-        (..., 2, heads, d), a new contiguous tensor: ``q * scale / |q|`` and ``k / |k|`` (the
-        logit scale folded into the queries), ready for :func:`cosine_attention` with
-        ``normalized=True``. (The input is copied first: norms of a strided view, and writes
-        into one, take about 1.5x the time on CPU.) With autograd it saves only its output
-        and the norms.
+        q, k, v, each (B', heads, N, d): ``q * scale / |q|``, ``k / |k|`` (the logit scale
+        folded into the queries, ready for :func:`cosine_attention` with ``normalized=True``)
+        and ``v``; the input is never written. With autograd they are contiguous views of one
+        new tensor, and only it and the norms are kept for the backward (the backward's
+        products then read them without copies); without, q and k are a new tensor in the
+        input's layout and v a view of the input.
     """
-    heads = qk.shape[-2]
-    factor = torch.stack([scale.reshape(heads, 1).to(qk.dtype), qk.new_ones(heads, 1)])
-    special = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    if torch.is_grad_enabled() and (qk.requires_grad or factor.requires_grad):
-        if not special:
-            return _NormalizeQK.apply(qk, factor)
-        return qk * (factor / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(_EPS))
-    y = qk.clone(memory_format=torch.contiguous_format)
-    return y.mul_(factor / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min_(_EPS))
+    factor = _qkv_factor(scale, qkv.shape[-2], qkv.dtype)
+    if not (torch.is_grad_enabled() and (qkv.requires_grad or factor.requires_grad)):
+        # no copy of v, and q, k copied without reordering (the CPU kernels read them strided
+        # as fast, and the copy takes ~15 % less time)
+        qk = qkv[:, :, :2].clone(memory_format=torch.contiguous_format)
+        qk.mul_(factor.view(2, -1, 1) / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min_(_EPS))
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, qkv[:, :, 2].transpose(1, 2)
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        return _NormalizeQKV.apply(qkv, factor)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q = q * (factor[0] / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_EPS))
+    return q, F.normalize(k, dim=-1, eps=_EPS), v
 
 
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transform: AffineTransform,
@@ -535,7 +566,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         dropout_p: attention dropout (only applied when > 0).
         impl: ``"sdpa"`` or ``"reference"``.
         normalized: ``"sdpa"`` only: q and k are already normalised and q carries the logit
-            scale (:func:`normalize_qk`), as the window and stripe modules hand them over.
+            scale (:func:`normalize_qkv`), as the window and stripe modules hand them over.
 
     Returns:
         (B*nW, heads, N1, dv).

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import AffineTransform, cosine_attention, normalize_qk
+from .attention import AffineTransform, cosine_attention, normalize_qkv
 from .geometry import StripeGeometry
 from .window_attn import partition_heads, permute_tokens, split_heads, window_partition, window_reverse
 
@@ -144,11 +144,11 @@ class AnchorStripeAttention(nn.Module):
             qkv = partition_heads(permute_tokens(qkv, order, inverse), stripe[0] * stripe[1], 3, self.num_heads)
             # normalised once: q (scaled for stage 2) and k with one pass, the anchors (keys of
             # stage 2, and scaled the queries of stage 1)
-            q, k = normalize_qk(qkv[:, :, :2], self.attn_transform2.scale()).transpose(1, 3).unbind(2)
+            q, k, v = normalize_qkv(qkv, self.attn_transform2.scale())
             anchor = permute_tokens(anchor.reshape(B, -1, anchor.shape[-1]), a_order, a_inverse)
             a = F.normalize(partition_heads(anchor, anchor_stripe[0] * anchor_stripe[1], 1, self.num_heads)[:, :, 0],
                             dim=-1).transpose(1, 2)
-            y = attend(q, k, qkv[:, :, 2].transpose(1, 2), a, a * self.attn_transform1.scale().to(a.dtype), True)
+            y = attend(q, k, v, a, a * self.attn_transform1.scale().to(a.dtype), True)
             return permute_tokens(rearrange(y, "(b w) h n d -> b (w n) (h d)", b=B), inverse, order, out)
         # the official steps: roll, partition, attention, reverse, roll back
         qkv = qkv.view(B, H, W, -1)

@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import AffineTransform, cosine_attention, normalize_qk
+from .attention import AffineTransform, cosine_attention, normalize_qkv
 from .geometry import WindowGeometry
 
 
@@ -120,8 +120,7 @@ class WindowAttention(nn.Module):
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
             order, inverse = geom.orders[1 if shift else 0]
             qkv = partition_heads(permute_tokens(qkv, order, inverse), ws[0] * ws[1], 3, self.num_heads)
-            q, k = normalize_qk(qkv[:, :, :2], self.attn_transform.scale()).transpose(1, 3).unbind(2)
-            y = attend(q, k, qkv[:, :, 2].transpose(1, 2), normalized=True)
+            y = attend(*normalize_qkv(qkv, self.attn_transform.scale()), normalized=True)
             return permute_tokens(rearrange(y, "(b w) h n d -> b (w n) (h d)", b=B), inverse, order, out)
         # the official steps: roll, partition, attention, reverse, roll back
         qkv = qkv.view(B, H, W, -1)
