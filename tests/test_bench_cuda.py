@@ -1,0 +1,64 @@
+"""Smoke test of benchmarks/bench_cuda.py, the device benchmark, on the CPU.
+
+Runs ``--device cpu --quick`` (GRL-T, batch 2 x 32^2, fp32 and bf16, memory at 64^2) in a
+subprocess and checks the JSON rows and the printed tables: timings and FLOP rates finite and
+positive, fast and reference outputs equal in fp32, memory ``nan`` off CUDA. Timings are never
+asserted. Without CUDA, ``--device cuda`` must stop with a one-line message.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_cuda.py"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_cuda") / "rows.json"
+    res = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout, json.loads(out.read_text())
+
+
+def test_throughput_rows(quick_run):
+    _, rows = quick_run
+    assert [(r["config"], r["dtype"]) for r in rows["throughput"]] == [("tiny", "fp32"), ("tiny", "bf16")]
+    for r in rows["throughput"]:
+        assert r["batch"] == 2 and r["patch"] == 32
+        for phase in ("fwd_s", "train_s"):
+            assert set(r[phase]) == {"reference", "fast"}
+            assert all(math.isfinite(v) and v > 0 for v in r[phase].values())
+        assert all(math.isnan(v) for v in r["train_peak_mib"].values())  # CUDA only
+    fp32, bf16 = rows["throughput"]
+    assert fp32["delta"] <= 1e-4  # same network, same weights
+    assert math.isfinite(bf16["delta"]) and bf16["delta"] < 0.5
+
+
+def test_memory_and_flops_rows(quick_run):
+    stdout, rows = quick_run
+    (mem,) = rows["memory"]
+    assert mem["size"] == 64 and set(mem["train_mib"]) == {"reference", "fast", "fast_ckpt"}
+    assert all(math.isnan(v) for v in mem["train_mib"].values())
+    for r in rows["flops"]:
+        assert r["gflop"] > 0 and r["gflops"] > 0 and r["mm_gflops"] > 0
+    # one FLOP count per config, shared by both dtypes
+    assert rows["flops"][0]["gflop"] == rows["flops"][1]["gflop"]
+    headers = [line for line in stdout.splitlines() if line.startswith("| config")]
+    assert len(headers) == 3 and "fast % of mm" in headers[2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_no_cuda_is_one_clear_line():
+    res = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--device cuda" in lines[0] and "no CUDA device" in lines[0]
