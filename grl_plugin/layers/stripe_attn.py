@@ -16,7 +16,7 @@ from torch import nn
 
 from .attention import AffineTransform, cosine_attention, normalize_qkv
 from .geometry import StripeGeometry
-from .window_attn import partition_heads, permute_tokens, split_heads, window_partition, window_reverse
+from .window_attn import merge_heads, partition_heads, permute_tokens, split_heads, window_partition, window_reverse
 
 ANCHOR_PROJ_TYPES = ("avgpool", "maxpool", "conv2d", "separable_conv", "patchmerging")
 
@@ -149,7 +149,7 @@ class AnchorStripeAttention(nn.Module):
             a = F.normalize(partition_heads(anchor, anchor_stripe[0] * anchor_stripe[1], 1, self.num_heads)[:, :, 0],
                             dim=-1).transpose(1, 2)
             y = attend(q, k, v, a, a * self.attn_transform1.scale().to(a.dtype), True)
-            return permute_tokens(rearrange(y, "(b w) h n d -> b (w n) (h d)", b=B), inverse, order, out)
+            return permute_tokens(merge_heads(y, B), inverse, order, out)
         # the official steps: roll, partition, attention, reverse, roll back
         qkv = qkv.view(B, H, W, -1)
         if any(shift):

@@ -73,6 +73,12 @@ def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
     return _gather_tokens(x, order, out)
 
 
+def merge_heads(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * nW, heads, N, d) -> (B, nW * N, heads * d): ``rearrange(y, "(b w) h n d -> b (w n) (h d)")``
+    without einops' per-call parsing (a view when SDPA returned its usual (B', N, heads, d) layout)."""
+    return y.transpose(1, 2).reshape(batch, -1, y.shape[1] * y.shape[3])
+
+
 def partition_heads(tokens: torch.Tensor, n: int, parts: int, heads: int) -> torch.Tensor:
     """Partitioned (B, nW * n, parts * heads * d) tokens -> a (B * nW, n, parts, heads, d) view."""
     return tokens.view(-1, n, parts, heads, tokens.shape[-1] // (parts * heads))
@@ -121,7 +127,7 @@ class WindowAttention(nn.Module):
             order, inverse = geom.orders[1 if shift else 0]
             qkv = partition_heads(permute_tokens(qkv, order, inverse), ws[0] * ws[1], 3, self.num_heads)
             y = attend(*normalize_qkv(qkv, self.attn_transform.scale()), normalized=True)
-            return permute_tokens(rearrange(y, "(b w) h n d -> b (w n) (h d)", b=B), inverse, order, out)
+            return permute_tokens(merge_heads(y, B), inverse, order, out)
         # the official steps: roll, partition, attention, reverse, roll back
         qkv = qkv.view(B, H, W, -1)
         if shift:
