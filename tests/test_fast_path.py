@@ -607,3 +607,16 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less():
     assert torch.autograd.gradcheck(lambda *a: _LeanMlp.apply(*a), (x.detach().requires_grad_(), *params))
     assert GRLBlock(16, 2, 2, attn_impl="reference").mlp.lean is False
     assert GRLBlock(16, 2, 2).mlp.lean is True
+
+
+@pytest.mark.parametrize("save_probs", [False, True])
+def test_lean_attention_keeps_the_output_only_without_probabilities(save_probs, monkeypatch):
+    """Recomputing P, the backward needs the output (for rowsum(dO * O)); keeping P, it takes
+    that row term from P * dP and the output is not kept."""
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    t, table, index, mask, (q, k, v) = _attention_inputs(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.untyped_storage().data_ptr()) or x,
+                                                  lambda x: x):
+        out = cosine_attention(q, k, v, t, table, index, mask)
+    assert (out.untyped_storage().data_ptr() in saved) is (not save_probs)

@@ -364,8 +364,8 @@ class _LeanAttention(torch.autograd.Function):
     product, the row term again an extra column, times P in place); the bias gradient goes
     back to the table cells with one ``index_add_``. Between forward and backward no per-window N1 x N2 tensor is kept.
     With ``save_probs`` (or where the fused kernel is missing, or v's head dim differs from
-    q's, which it does not take) the forward computes P explicitly and keeps it instead
-    (faster backward, more memory).
+    q's, which it does not take) the forward computes P explicitly and keeps it instead of
+    the output and the log-sum-exp (faster backward; the row term is then rowsum(P * dP)).
     """
 
     @staticmethod
@@ -380,21 +380,27 @@ class _LeanAttention(torch.autograd.Function):
             p = _softmax_(_logits_(q, k, bias, mask))
             out = torch.matmul(p, v)
         ctx.n_values = values.shape[1]
-        ctx.save_for_backward(q, k, v, bias, index, mask, out, p, lse)
+        # with P kept the backward takes the row term from P * dP: the output is not kept
+        ctx.save_for_backward(q, k, v, bias, index, mask, out if p is None else None, p, lse)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, bias, index, mask, out, p, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
-        if p is None:
+        kept = p is not None
+        if not kept:
             p = _probs_(_logits_(q, k, bias, mask, lse))
         d_v = torch.matmul(p.transpose(-2, -1), d_out) if ctx.needs_input_grad[2] else None
-        # dS = P * (dO v^T - rowsum(dO * O)), the row term as an extra column of the product
-        rows = (d_out * out).sum(-1, keepdim=True)
-        ds = torch.matmul(torch.cat([d_out, rows.neg_()], -1),
-                          torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1).transpose(-2, -1))
-        ds.mul_(p)
+        # dS = P * (dP - rowsum(dO * O)) with dP = dO v^T, and rowsum(dO * O) = rowsum(P * dP)
+        if kept:  # small windows: P * dP, then minus P * its row sums (the output was not kept)
+            ds = torch.matmul(d_out, v.transpose(-2, -1)).mul_(p)
+            ds.addcmul_(p, ds.sum(-1, keepdim=True), value=-1.0)
+        else:  # from the output, the row term as an extra column of the product
+            rows = (d_out * out).sum(-1, keepdim=True)
+            ds = torch.matmul(torch.cat([d_out, rows.neg_()], -1),
+                              torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1).transpose(-2, -1))
+            ds.mul_(p)
         del p
         d_q = torch.matmul(ds, k) if ctx.needs_input_grad[0] else None
         d_k = torch.matmul(ds.transpose(-2, -1), q) if ctx.needs_input_grad[1] else None
