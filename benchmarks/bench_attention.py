@@ -41,8 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("official", "reference", "fast")
 # Variants of the fast path for the training columns (same weights, same outputs):
 # fast_keepP -- CPU backward always keeps the attention probabilities (layers.set_lean_backward(False));
+# fast_lean  -- least-memory backward: P always recomputed, MLP hidden layers too (set_lean_backward(True));
 # fast_ckpt  -- activation checkpointing of every block (GRLStage.use_checkpoint).
-VARIANTS = ("fast_keepP", "fast_ckpt")
+VARIANTS = ("fast_keepP", "fast_lean", "fast_ckpt")
+# set_lean_backward() argument per implementation (None: the automatic default)
+LEAN = {"fast_keepP": False, "fast_lean": True}
 
 _COMMON = dict(in_channels=3, img_range=1.0, mlp_ratio=2, stripe_shift=True, qkv_proj_type="linear",
                anchor_proj_type="avgpool", anchor_one_stage=True, anchor_window_down_factor=4,
@@ -105,9 +108,9 @@ def _fwd(torch, model, x):
         return model(x)
 
 
-def _train_step(torch, model, x, target, seed=0, keep_probs=False):
+def _train_step(torch, model, x, target, seed=0, lean=None):
     from grl_plugin.layers import set_lean_backward
-    set_lean_backward(False if keep_probs else None)  # the default (automatic) unless keeping P
+    set_lean_backward(lean)  # None: the default (automatic)
     model.train()
     torch.manual_seed(seed)  # same DropPath draws for every implementation
     out = model(x)
@@ -127,7 +130,7 @@ def memory_child(config: str, size: int, impl: str) -> dict:
     base = maxrss_mib()
     out = _fwd(torch, model, x)
     fwd = maxrss_mib()
-    _train_step(torch, model, x, torch.rand_like(out), keep_probs=impl == "fast_keepP")
+    _train_step(torch, model, x, torch.rand_like(out), lean=LEAN.get(impl))
     train = maxrss_mib()
     # growth of the peak RSS over the RSS after building the model (imports + weights)
     return {"base": base, "fwd": fwd - base, "train": train - base}
@@ -158,7 +161,7 @@ def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = Tr
     # step), so interleaving them would time every eval forward with a cold cache
     for _ in range(warmup):
         for k, m in models.items():
-            _train_step(torch, m, x, target, keep_probs=k == "fast_keepP")
+            _train_step(torch, m, x, target, lean=LEAN.get(k))
         for k in fwd:
             _fwd(torch, models[k], x)
     for _ in range(repeats):
@@ -169,7 +172,7 @@ def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = Tr
     for _ in range(repeats):
         for k, m in models.items():
             t = time.perf_counter()
-            _train_step(torch, m, x, target, keep_probs=k == "fast_keepP")
+            _train_step(torch, m, x, target, lean=LEAN.get(k))
             train[k].append(time.perf_counter() - t)
     row = {"config": config, "size": size, "delta_ref": delta_ref, "delta_off": delta_off,
            "fwd": {"official": nan, **{k: statistics.median(v) for k, v in fwd.items()}},
@@ -282,7 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--no-malloc-env", action="store_true", help="keep the default glibc malloc settings")
     p.add_argument("--json", type=str, default=None, help="also write the rows to this JSON file")
-    p.add_argument("--no-variants", action="store_true", help="skip the fast_keepP / fast_ckpt training variants")
+    p.add_argument("--no-variants", action="store_true", help="skip the fast_keepP / fast_lean / fast_ckpt training variants")
     p.add_argument("--no-official", nargs="*", default=[], metavar="CONFIG",
                    help="leave the official oracle out for these configs (all if none named): NaN columns")
     p.add_argument("--breakdown", action="store_true",

@@ -139,6 +139,7 @@ def test_bench_attention_quick_smoke():
         return dict(zip([c.strip() for c in out[headers[k]].strip("|").split("|")], cells))
     row, mem = row_of(0), row_of(1)
     assert float(mem["train fast/ref"]) > 0
+    assert float(mem["train fast_lean/ref"]) > 0 and float(row["train fast_lean/ref"]) > 0
     assert float(row["max abs diff fast-ref"]) <= TOL
     assert float(row["max abs diff fast-off"]) <= TOL
     assert re.fullmatch(r"[\d.]+", row["fwd fast/ref"])
@@ -576,12 +577,15 @@ def test_two_step_bias_gather_equals_plain_gather(monkeypatch):
     assert gather_plan(relative_index((2, 2), 1, True, cpu), 3) is None  # runs of 2
 
 
-def test_lean_mlp_matches_plain_mlp_and_keeps_less():
+@pytest.mark.parametrize("least_memory", [False, True])
+def test_lean_mlp_matches_plain_mlp_and_keeps_less(least_memory, monkeypatch):
     """The lean MLP (training path) gives the plain MLP's output and gradients (input, both
-    weights and biases) and keeps no GELU output for the backward; the reference path of
-    GRLBlock uses the plain one."""
+    weights and biases) and keeps no GELU output for the backward (under
+    set_lean_backward(True) not even fc1's output); the reference path of GRLBlock uses the
+    plain one."""
     from grl_plugin.layers import GRLBlock, Mlp
     from grl_plugin.layers.block import _LeanMlp
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [False if least_memory else None])
     torch.manual_seed(0)
     lean, plain = Mlp(6, 10).double(), Mlp(6, 10, lean=False).double()
     plain.load_state_dict(lean.state_dict())
@@ -602,9 +606,11 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less():
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
         return sum(n for ptr, n in storages.items() if ptr not in weights) // 8
 
-    assert activations(s1) == 2 * 7 * (6 + 10) and activations(s2) == 2 * 7 * (6 + 10 + 10)
+    assert activations(s1) == 2 * 7 * (6 if least_memory else 6 + 10)
+    assert activations(s2) == 2 * 7 * (6 + 10 + 10)
     params = [p.detach().clone().requires_grad_() for p in lean.parameters()]
-    assert torch.autograd.gradcheck(lambda *a: _LeanMlp.apply(*a), (x.detach().requires_grad_(), *params))
+    assert torch.autograd.gradcheck(lambda *a: _LeanMlp.apply(*a, least_memory),
+                                    (x.detach().requires_grad_(), *params))
     assert GRLBlock(16, 2, 2, attn_impl="reference").mlp.lean is False
     assert GRLBlock(16, 2, 2).mlp.lean is True
 

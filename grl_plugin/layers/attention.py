@@ -90,10 +90,16 @@ def set_lean_backward(enabled: Optional[bool] = None) -> None:
     ``None`` (default, automatic): the backward recomputes the attention probabilities P
     where P (N1 x N2 per head) would be larger than the q, k, v and output that are saved
     anyway (e.g. GRL's 32x32 windows and 64x64 stripes), and keeps P where it is not (8x8
-    windows). ``True``: always recompute (least memory); ``False``: always keep P (fastest
-    backward, most memory).
+    windows). ``True``: always recompute, and the MLPs of the blocks recompute their hidden
+    layer too (least memory; on any device); ``False``: always keep P (fastest backward, most
+    memory).
     """
     _SAVE_PROBS[0] = None if enabled is None else not enabled
+
+
+def least_memory_backward() -> bool:
+    """Whether :func:`set_lean_backward` asked for the least-memory backward (``True``)."""
+    return _SAVE_PROBS[0] is False
 
 
 def _keep_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

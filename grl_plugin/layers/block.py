@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import least_memory_backward
 from .geometry import GRLGeometry, grl_geometry, pad_multiple
 from .local import CAB
 from .stripe_attn import AnchorProjection, AnchorStripeAttention
@@ -77,38 +78,42 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 class _LeanMlp(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) for autograd, saving x and fc1's output only: the backward recomputes
-    gelu(h) (one elementwise pass) instead of keeping it, i.e. ``hidden`` fewer values per
-    token than autograd keeps (which saves both h for the GELU and gelu(h) for fc2)."""
+    """fc2(gelu(fc1(x))) for autograd, keeping less than autograd would (x, fc1's output h
+    and gelu(h)): x and h, the backward recomputing gelu(h) (one elementwise pass), or with
+    ``recompute_hidden`` x only, the backward recomputing h too (one more product)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
+    def forward(ctx, x, w1, b1, w2, b2, recompute_hidden=False):
         h = F.linear(x, w1, b1)
-        ctx.save_for_backward(x, h, w1, w2)
-        ctx.has_bias = (b1 is not None, b2 is not None)
+        ctx.save_for_backward(x, None if recompute_hidden else h, w1, b1, w2)
+        ctx.has_b2 = b2 is not None
         return F.linear(F.gelu(h), w2, b2)
 
     @staticmethod
     def backward(ctx, d_out):
-        x, h, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        x, h, w1, b1, w2 = ctx.saved_tensors
+        if h is None:
+            h = F.linear(x, w1, b1)
+        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         d_out2 = d_out.reshape(-1, d_out.shape[-1])
         d_w2 = d_out2.t().mm(F.gelu(h).reshape(-1, h.shape[-1])) if need_w2 else None
-        d_b2 = d_out2.sum(0) if need_b2 and ctx.has_bias[1] else None
+        d_b2 = d_out2.sum(0) if need_b2 and ctx.has_b2 else None
         d_h = torch.ops.aten.gelu_backward(torch.matmul(d_out, w2), h)
+        del h
         d_h2 = d_h.reshape(-1, d_h.shape[-1])
         d_w1 = d_h2.t().mm(x.reshape(-1, x.shape[-1])) if need_w1 else None
-        d_b1 = d_h2.sum(0) if need_b1 and ctx.has_bias[0] else None
+        d_b1 = d_h2.sum(0) if need_b1 and b1 is not None else None
         d_x = torch.matmul(d_h, w1) if need_x else None
-        return d_x, d_w1, d_b1, d_w2, d_b2
+        return d_x, d_w1, d_b1, d_w2, d_b2, None
 
 
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``).
 
     ``lean`` (default): in training without dropout or autocast, :class:`_LeanMlp` keeps
-    ``hidden`` fewer values per token for the backward (recomputing the GELU); same outputs
-    and gradients. The reference path of :class:`GRLBlock` turns it off.
+    ``hidden`` fewer values per token for the backward (recomputing the GELU), or only the
+    input under ``set_lean_backward(True)`` (recomputing fc1 too); same outputs and
+    gradients. The reference path of :class:`GRLBlock` turns it off.
     """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, lean: bool = True):
@@ -124,7 +129,8 @@ class Mlp(nn.Module):
         if (self.lean and torch.is_grad_enabled() and (self.drop1.p == 0 or not self.training)
                 and not _autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
-            return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                  least_memory_backward())
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
