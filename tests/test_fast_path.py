@@ -615,14 +615,23 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(least_memory, monkeypatch):
     assert GRLBlock(16, 2, 2).mlp.lean is True
 
 
-@pytest.mark.parametrize("save_probs", [False, True])
-def test_lean_attention_keeps_the_output_only_without_probabilities(save_probs, monkeypatch):
-    """Recomputing P, the backward needs the output (for rowsum(dO * O)); keeping P, it takes
-    that row term from P * dP and the output is not kept."""
+@pytest.mark.parametrize("save_probs", [False, True, None])
+def test_lean_attention_keeps_the_output_only_when_it_recomputes_probabilities(save_probs, monkeypatch):
+    """Recomputing P automatically (large windows), the backward uses the output for
+    rowsum(dO * O); keeping P, or for the least memory (set_lean_backward(True), P always
+    recomputed), it takes that row term from P * dP and the output is not kept. Gradients
+    equal autograd's through the reference path in every mode."""
     monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    monkeypatch.setattr(attention_mod, "_keep_probs", lambda *a: save_probs is True)
     t, table, index, mask, (q, k, v) = _attention_inputs(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.untyped_storage().data_ptr()) or x,
                                                   lambda x: x):
         out = cosine_attention(q, k, v, t, table, index, mask)
-    assert (out.untyped_storage().data_ptr() in saved) is (not save_probs)
+    assert (out.untyped_storage().data_ptr() in saved) is (save_probs is None)
+    leaves = [q, k, v] + list(t.parameters())
+    got = torch.autograd.grad((out * out.detach().cos()).sum(), leaves)
+    ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
+    want = torch.autograd.grad((ref * ref.detach().cos()).sum(), leaves)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))

@@ -90,9 +90,9 @@ def set_lean_backward(enabled: Optional[bool] = None) -> None:
     ``None`` (default, automatic): the backward recomputes the attention probabilities P
     where P (N1 x N2 per head) would be larger than the q, k, v and output that are saved
     anyway (e.g. GRL's 32x32 windows and 64x64 stripes), and keeps P where it is not (8x8
-    windows). ``True``: always recompute, and the MLPs of the blocks recompute their hidden
-    layer too (least memory; on any device); ``False``: always keep P (fastest backward, most
-    memory).
+    windows). ``True``: always recompute, keep no attention output either, and the MLPs of
+    the blocks recompute their hidden layer (least memory; the MLP part on any device);
+    ``False``: always keep P (fastest backward, most memory).
     """
     _SAVE_PROBS[0] = None if enabled is None else not enabled
 
@@ -371,7 +371,8 @@ class _LeanAttention(torch.autograd.Function):
     back to the table cells with one ``index_add_``. Between forward and backward no per-window N1 x N2 tensor is kept.
     With ``save_probs`` (or where the fused kernel is missing, or v's head dim differs from
     q's, which it does not take) the forward computes P explicitly and keeps it instead of
-    the output and the log-sum-exp (faster backward; the row term is then rowsum(P * dP)).
+    the output and the log-sum-exp (faster backward; the row term is then rowsum(P * dP), as
+    also under ``set_lean_backward(True)``, which keeps neither P nor the output).
     """
 
     @staticmethod
@@ -386,20 +387,21 @@ class _LeanAttention(torch.autograd.Function):
             p = _softmax_(_logits_(q, k, bias, mask))
             out = torch.matmul(p, v)
         ctx.n_values = values.shape[1]
-        # with P kept the backward takes the row term from P * dP: the output is not kept
-        ctx.save_for_backward(q, k, v, bias, index, mask, out if p is None else None, p, lse)
+        # with P kept, or for the least memory, the backward takes the row term from P * dP
+        # and the output is not kept
+        keep_out = p is None and not least_memory_backward()
+        ctx.save_for_backward(q, k, v, bias, index, mask, out if keep_out else None, p, lse)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, bias, index, mask, out, p, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
-        kept = p is not None
-        if not kept:
+        if p is None:
             p = _probs_(_logits_(q, k, bias, mask, lse))
         d_v = torch.matmul(p.transpose(-2, -1), d_out) if ctx.needs_input_grad[2] else None
         # dS = P * (dP - rowsum(dO * O)) with dP = dO v^T, and rowsum(dO * O) = rowsum(P * dP)
-        if kept:  # small windows: P * dP, then minus P * its row sums (the output was not kept)
+        if out is None:  # P * dP, then minus P * its row sums
             ds = torch.matmul(d_out, v.transpose(-2, -1)).mul_(p)
             ds.addcmul_(p, ds.sum(-1, keepdim=True), value=-1.0)
         else:  # from the output, the row term as an extra column of the product
