@@ -6,6 +6,8 @@ Option keys on top of SRModel's (all optional)::
       amp: bf16               # mixed precision: bf16 (CPU and CUDA) | fp16 (CUDA, GradScaler) | none
       grad_clip: 0.5          # clip the global gradient norm (null: off)
       activation_checkpointing: true   # recompute GRL blocks in backward (less memory)
+      lean_backward: null     # true: least memory without checkpointing (attention probabilities
+                              # and MLP hidden layers recomputed); false: fastest; null: automatic
       compile: false          # torch.compile the network (or a dict of torch.compile kwargs)
       nan_tolerance: 5        # stop after this many iterations in a row with a NaN/Inf loss (null: never)
     val:
@@ -56,6 +58,7 @@ from tqdm import tqdm
 from .. import compat
 from ..archs.checkpoint import CheckpointWarning, check_fit, load_checkpoint
 from ..archs.grl_arch import GRL
+from ..layers import set_lean_backward
 from ..tiling import tiled_forward
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -80,6 +83,13 @@ DEFAULT_NAN_TOLERANCE = 5
 class NonFiniteLossError(compat.CompatError):
     """``train.nan_tolerance`` iterations in a row had a non-finite loss: training stopped
     (one-line message; ``grl-train`` prints it as ``grl-train: error: ...``, exit status 2)."""
+
+
+def _lean_backward(value):
+    if value is None or isinstance(value, bool):
+        return value
+    raise ValueError(f"train.lean_backward must be true (least memory: recompute attention probabilities and "
+                     f"MLP hidden layers), false (keep them: fastest) or null (automatic), got {value!r}")
 
 
 def _nan_tolerance(value):
@@ -140,6 +150,10 @@ class GRLModel(SRModel):
         self.grad_clip = train_opt.get("grad_clip")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.nan_tolerance = _nan_tolerance(train_opt.get("nan_tolerance", DEFAULT_NAN_TOLERANCE))
+        lean = _lean_backward(train_opt.get("lean_backward"))
+        set_lean_backward(lean)  # (process-wide: the last model built decides)
+        if lean is not None:
+            get_root_logger().info(f"Lean backward: {'least memory' if lean else 'fastest (keep probabilities)'}.")
         self.nonfinite_streak = 0  # iterations in a row with a non-finite loss
         self.last_checkpoint_iter = None
         super().init_training_settings()
