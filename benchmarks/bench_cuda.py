@@ -245,44 +245,43 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}"
 
 
+def _markdown(head: str, rows) -> str:
+    """A markdown table: the header line, its rule, one line per list of cells."""
+    return "\n".join([head, _rule(head)] + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def format_throughput(rows) -> str:
     head = ("| config | dtype | batch x patch | fwd img/s reference | fwd img/s fast | fwd fast/ref (time) "
             "| train img/s reference | train img/s fast | train fast/ref (time) "
             "| train peak MiB reference/fast | train peak fast/ref | max abs diff fast-ref |")
-    lines = [head, _rule(head)]
+    cells = []
     for r in rows:
         f, t, p, b = r["fwd_s"], r["train_s"], r["train_peak_mib"], r["batch"]
-        lines.append(
-            f"| {r['config']} | {r['dtype']} | {b}x{r['patch']}x{r['patch']} "
-            f"| {b / f['reference']:.1f} | {b / f['fast']:.1f} | {f['fast'] / f['reference']:.2f} "
-            f"| {b / t['reference']:.1f} | {b / t['fast']:.1f} | {t['fast'] / t['reference']:.2f} "
-            f"| {_fmt(p['reference'], '.0f')}/{_fmt(p['fast'], '.0f')} | {_ratio(p['fast'], p['reference'])} "
-            f"| {r['delta']:.2e} |")
-    return "\n".join(lines)
+        cells.append([r["config"], r["dtype"], f"{b}x{r['patch']}x{r['patch']}",
+                      f"{b / f['reference']:.1f}", f"{b / f['fast']:.1f}", f"{f['fast'] / f['reference']:.2f}",
+                      f"{b / t['reference']:.1f}", f"{b / t['fast']:.1f}", f"{t['fast'] / t['reference']:.2f}",
+                      f"{_fmt(p['reference'], '.0f')}/{_fmt(p['fast'], '.0f')}", _ratio(p["fast"], p["reference"]),
+                      f"{r['delta']:.2e}"])
+    return _markdown(head, cells)
 
 
 def format_memory(rows) -> str:
     head = ("| config | input | eval peak MiB reference/fast | eval fast/ref "
             "| train peak MiB reference/fast/fast_ckpt | train fast/ref | train fast_ckpt/ref |")
-    lines = [head, _rule(head)]
+    cells = []
     for r in rows:
         f, t = r["fwd_mib"], r["train_mib"]
-        lines.append(
-            f"| {r['config']} | {r['size']}x{r['size']} | {_fmt(f['reference'], '.0f')}/{_fmt(f['fast'], '.0f')} "
-            f"| {_ratio(f['fast'], f['reference'])} "
-            f"| {'/'.join(_fmt(t[k], '.0f') for k in MEMORY_IMPLS)} | {_ratio(t['fast'], t['reference'])} "
-            f"| {_ratio(t['fast_ckpt'], t['reference'])} |")
-    return "\n".join(lines)
+        cells.append([r["config"], f"{r['size']}x{r['size']}",
+                      f"{_fmt(f['reference'], '.0f')}/{_fmt(f['fast'], '.0f')}", _ratio(f["fast"], f["reference"]), "/".join(_fmt(t[k], ".0f") for k in MEMORY_IMPLS),
+                      _ratio(t["fast"], t["reference"]), _ratio(t["fast_ckpt"], t["reference"])])
+    return _markdown(head, cells)
 
 
 def format_flops(rows) -> str:
     head = "| config | dtype | batch x patch | GFLOP per forward | fast GFLOP/s | mm GFLOP/s | fast % of mm |"
-    lines = [head, _rule(head)]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['dtype']} | {r['batch']}x{r['patch']}x{r['patch']} "
-                     f"| {r['gflop']:.1f} | {r['gflops']:.0f} | {r['mm_gflops']:.0f} "
-                     f"| {100 * r['gflops'] / r['mm_gflops']:.1f} |")
-    return "\n".join(lines)
+    return _markdown(head, [[r["config"], r["dtype"], f"{r['batch']}x{r['patch']}x{r['patch']}", f"{r['gflop']:.1f}",
+                             f"{r['gflops']:.0f}", f"{r['mm_gflops']:.0f}", f"{100 * r['gflops'] / r['mm_gflops']:.1f}"]
+                            for r in rows])
 
 
 def main(argv=None) -> int:
