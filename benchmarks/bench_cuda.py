@@ -272,8 +272,9 @@ def format_memory(rows) -> str:
     for r in rows:
         f, t = r["fwd_mib"], r["train_mib"]
         cells.append([r["config"], f"{r['size']}x{r['size']}",
-                      f"{_fmt(f['reference'], '.0f')}/{_fmt(f['fast'], '.0f')}", _ratio(f["fast"], f["reference"]), "/".join(_fmt(t[k], ".0f") for k in MEMORY_IMPLS),
-                      _ratio(t["fast"], t["reference"]), _ratio(t["fast_ckpt"], t["reference"])])
+                      f"{_fmt(f['reference'], '.0f')}/{_fmt(f['fast'], '.0f')}", _ratio(f["fast"], f["reference"]),
+                      "/".join(_fmt(t[k], ".0f") for k in MEMORY_IMPLS), _ratio(t["fast"], t["reference"]),
+                      _ratio(t["fast_ckpt"], t["reference"])])
     return _markdown(head, cells)
 
 
