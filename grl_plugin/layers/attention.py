@@ -489,14 +489,6 @@ def _qkv_factor(scale: torch.Tensor, heads: int, dtype) -> torch.Tensor:
     return torch.stack([scale, torch.ones_like(scale)])
 
 
-def _split_normalize(qkv: torch.Tensor, factor: torch.Tensor):
-    """(y (3, B', heads, N, d) contiguous: normalised q * scale, k, raw v; inverse norms of q, k)."""
-    y = qkv.permute(2, 0, 3, 1, 4).clone(memory_format=torch.contiguous_format)
-    inv = torch.linalg.vector_norm(y[:2], dim=-1, keepdim=True).clamp_min_(_EPS).reciprocal_()
-    y[:2].mul_(inv * factor)
-    return y, inv
-
-
 class _NormalizeQKV(torch.autograd.Function):
     """Autograd of :func:`normalize_qkv`: saves only its output (which the attention keeps
     anyway) and the norms, not the partitioned QKV input, and writes the input gradient
@@ -508,7 +500,9 @@ class _NormalizeQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, factor):
-        y, inv = _split_normalize(qkv, factor)
+        y = qkv.permute(2, 0, 3, 1, 4).clone(memory_format=torch.contiguous_format)  # (3, B', heads, N, d)
+        inv = torch.linalg.vector_norm(y[:2], dim=-1, keepdim=True).clamp_min_(_EPS).reciprocal_()
+        y[:2].mul_(inv * factor)
         ctx.save_for_backward(y, inv, factor)
         ctx.layout = qkv.shape
         return y.unbind(0)
@@ -528,8 +522,8 @@ class _NormalizeQKV(torch.autograd.Function):
                 d_view[i].zero_()
                 continue
             u_dy = torch.linalg.vecdot(y[i], dy, dim=-1).unsqueeze(-1).div_(factor[i])
-            if d_factor is not None:
-                d_factor[i] = u_dy.sum((0, 2), keepdim=True)
+            if d_factor is not None and i == 0:  # (the keys' factor is a constant 1)
+                d_factor[0] = u_dy.sum((0, 2), keepdim=True)
             u_dy.masked_fill_(inv[i] >= 1.0 / _EPS, 0.0).mul_(inv[i])  # clamped: x / eps
             torch.addcmul(dy * (factor[i] * inv[i]), y[i], u_dy, value=-1.0, out=d_view[i])
         return d_qkv, d_factor

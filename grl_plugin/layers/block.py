@@ -69,14 +69,6 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (the one-argument form needs torch >= 2.4)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-
 class _LeanMlp(torch.autograd.Function):
     """fc2(gelu(fc1(x))) for autograd, keeping less than autograd would (x, fc1's output h
     and gelu(h)): x and h, the backward recomputing gelu(h) (one elementwise pass), or with
@@ -127,7 +119,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.lean and torch.is_grad_enabled() and (self.drop1.p == 0 or not self.training)
-                and not _autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
             return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                   least_memory_backward())
