@@ -9,6 +9,7 @@ valid train / test YAMLs for a tiny GRL (every option BasicSR reads unconditiona
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -198,6 +199,16 @@ def run_cli(args: Sequence[str], cwd, timeout: float = 300, extra_pythonpath: Se
     """Run ``python <args>`` (e.g. ``['-m', 'grl_plugin.train', '-opt', ...]``) in ``cwd``."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=str(cwd), capture_output=True, text=True,
                           timeout=timeout, env=subprocess_env(extra_pythonpath, **env))
+
+
+def run_benchmark(script: str, args: Sequence[str], out_dir, timeout: float = 900):
+    """Run ``benchmarks/<script> ARGS --json FILE`` from the repo root: (stdout, the JSON it
+    wrote). A failed run fails the calling test with the tail of its stderr."""
+    out = Path(out_dir) / 'rows.json'
+    res = subprocess.run([sys.executable, str(REPO_ROOT / 'benchmarks' / script), *map(str, args), '--json', str(out)],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout, json.loads(out.read_text())
 
 
 def read_logs(folder, pattern: str = '*.log') -> str:

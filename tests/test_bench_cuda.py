@@ -7,7 +7,6 @@ asserted. Without CUDA, ``--device cuda`` must stop with a one-line message.
 """
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_cuda.py"
@@ -22,11 +22,7 @@ SCRIPT = ROOT / "benchmarks" / "bench_cuda.py"
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_cuda") / "rows.json"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--json", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout, json.loads(out.read_text())
+    return run_benchmark(SCRIPT.name, ["--device", "cpu", "--quick"], tmp_path_factory.mktemp("bench_cuda"), 600)
 
 
 def test_throughput_rows(quick_run):

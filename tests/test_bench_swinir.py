@@ -6,13 +6,11 @@ within the tolerance. Timings are never asserted.
 """
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_vs_swinir.py"
@@ -41,11 +39,7 @@ def _numbers(cell: str):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "rows.json"
-    res = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--json", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout, json.loads(out.read_text())
+    return run_benchmark(SCRIPT.name, ["--quick", "--threads", "1"], tmp_path_factory.mktemp("bench"))
 
 
 def test_quick_tables(quick_run):
