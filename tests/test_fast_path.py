@@ -444,6 +444,7 @@ def test_region_mask_as_extra_columns_matches_reference_eval_and_training(save_p
     bias + mask for all windows, also in one call."""
     from grl_plugin.layers.geometry import coords_table, mask_factors, mask_split, relative_index, window_mask
     monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    monkeypatch.setattr(attention_mod, "_CPU_FUSED_MIN_KEYS", 64)  # eval: the fused kernel at 64 keys
     if columns:
         monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 64 * 64)
     cpu = torch.device("cpu")

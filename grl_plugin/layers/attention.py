@@ -48,9 +48,10 @@ _SAVE_PROBS = [None]  # None: automatic (see set_lean_backward)
 _CACHE_ENTRIES = 2  # geometries (input sizes) remembered per module
 _EPS = 1e-12  # F.normalize's default
 # Below this many keys per query the fused CPU kernel is slower than explicit logits + softmax
-# (measured, float32, 2 threads: ~0.2-0.3x the time for 4-15 keys, ~0.65x for 24, ~1x at 32-64;
-# GRL's stripe stage 2 at the 8x8-window model configs reads 8 anchors)
-_CPU_FUSED_MIN_KEYS = 32
+# (measured, float32, 2 threads: ~0.2-0.3x the time for 4-15 keys, ~0.65x for 24, ~1x at 32-64
+# on an Intel Xeon VM; 0.6-0.75x at 64 keys on an AMD EPYC VM, GRL-T/S/B eval at 8x8 windows
+# 2-3 % faster; GRL's stripe stage 2 at the 8x8-window model configs reads 8 anchors)
+_CPU_FUSED_MIN_KEYS = 65
 # From this many query-key pairs per window on, a region mask enters as extra q/k columns
 # instead of a materialised bias + mask (measured, CPU: GRL-B at the SR geometry 0.92x the eval
 # time; at 8x8 windows writing bias + mask is cheap and the wider head dim costs more)
