@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Type
 import torch
 from torch import nn
 
-from ..layers import ATTN_IMPLS, GRLStage, build_last_conv, grl_geometry, pad_multiple
+from ..layers import ATTN_IMPLS, GRLStage, Mlp, build_last_conv, grl_geometry, pad_multiple
 from ..layers.block import pad_to_multiple, to_map, to_tokens
 
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
@@ -155,13 +155,21 @@ class GRL(nn.Module):
                 _init_stage(layer, init_method)
 
     def set_attn_impl(self, impl: str) -> "GRL":
-        """Switch every attention between ``"sdpa"`` and ``"reference"``."""
+        """Switch the whole network between the fast path (``"sdpa"``) and ``"reference"``."""
         if impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
         for m in self.modules():
             if hasattr(m, "attn_impl"):
                 m.attn_impl = impl
+            if isinstance(m, Mlp):
+                m.lean = impl != "reference"
         return self
+
+    @property
+    def fast(self) -> bool:
+        """On the fast path: besides the attention, the feature maps are kept channels-last
+        (the token <-> map conversions are views, oneDNN's convolutions are faster)."""
+        return self.layers[0].blocks[0].fast
 
     def geometry(self, size, device):
         """Tables/indices/masks for a padded size (shared cache, see ``layers.geometry``)."""
@@ -174,11 +182,13 @@ class GRL(nn.Module):
         x = self.pos_drop(self.norm_start(to_tokens(x)))
         for layer in self.layers:
             x = layer(x, size, geom)
-        return to_map(self.norm_end(x), size)
+        return to_map(self.norm_end(x), size, channels_last=self.fast)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
         x = pad_to_multiple(x, self.pad_size)
+        if self.fast:
+            x = x.contiguous(memory_format=torch.channels_last)
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range
         if self.upsampler == "pixelshuffle":
@@ -201,7 +211,8 @@ class GRL(nn.Module):
         y = y / self.img_range + mean
         # Official crop, whatever the head: with upsampler "" and upscale > 1 (no official
         # config) this keeps the padded border, as the official model does.
-        return y[:, :, :H * self.upscale, :W * self.upscale]
+        y = y[:, :, :H * self.upscale, :W * self.upscale]
+        return y.contiguous() if self.fast else y
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -2,6 +2,8 @@
 
 * :mod:`.attention` -- the one attention core (scaled cosine attention + continuous bias).
 * :mod:`.geometry` -- tables, relative indices and masks, cached per (size, device).
+* :mod:`.linear` -- the fast path's token-wise products through oneDNN on CPU
+  (:func:`set_onednn_linear`).
 * :class:`WindowAttention`, :class:`AnchorStripeAttention`, :class:`AnchorProjection`.
 * :class:`CAB` -- the local conv + channel-attention branch.
 * :class:`MixedAttention`, :class:`GRLBlock`, :class:`GRLStage` -- take (B, C, H, W) of any
@@ -12,6 +14,7 @@ from .attention import (ATTN_IMPLS, AffineTransform, bias_cache_bytes, cosine_at
 from .block import (CONV_TYPES, DropPath, GRLBlock, GRLStage, MixedAttention, Mlp,
                     build_last_conv, default_heads, pad_to_multiple, to_map, to_tokens)
 from .geometry import GRLGeometry, clear_cache, grl_geometry, pad_multiple, stripe_info
+from .linear import set_onednn_linear
 from .local import CAB, ChannelAttention
 from .stripe_attn import ANCHOR_PROJ_TYPES, AnchorProjection, AnchorStripeAttention
 from .window_attn import WindowAttention, window_partition, window_reverse
@@ -21,6 +24,6 @@ __all__ = [
     "AnchorStripeAttention", "CAB", "ChannelAttention", "DropPath", "GRLBlock", "GRLGeometry",
     "GRLStage", "MixedAttention", "Mlp", "WindowAttention", "build_last_conv", "clear_cache",
     "cosine_attention", "default_heads", "normalize_qkv", "grl_geometry", "pad_multiple", "pad_to_multiple",
-    "set_bias_cache", "set_lean_backward", "bias_cache_bytes",
+    "set_bias_cache", "set_lean_backward", "set_onednn_linear", "bias_cache_bytes",
     "stripe_info", "to_map", "to_tokens", "window_partition", "window_reverse",
 ]

@@ -16,8 +16,9 @@ Two implementations give the same result:
     and keys in one pass; the window and stripe modules call it and pass ``normalized=True``)
     and bias + mask form one additive mask. Without autograd it calls ``F.scaled_dot_product_attention`` (a fused kernel on CPU
     and CUDA: no N1 x N2 logits written to memory), except on CPU with fewer than
-    ``_CPU_FUSED_MIN_KEYS`` keys per query (GRL's 8 anchors per stripe at 8x8 windows), where
-    explicit logits and an in-place softmax take a quarter of the fused kernel's time. With autograd on CUDA it also calls SDPA;
+    ``_CPU_FUSED_MIN_KEYS`` keys per query (GRL's 8x8 windows, and its 8 anchors per stripe at
+    8x8 windows), where explicit logits and an in-place softmax take less time (a quarter of
+    the fused kernel's at 8 keys). With autograd on CUDA it also calls SDPA;
     on CPU, where SDPA's backward would run its unfused math kernel (and gives no gradient for
     the position bias), :class:`_LeanAttention` runs the fused forward and a hand-written
     backward that recomputes the probabilities instead of keeping an N1 x N2 tensor between

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import least_memory_backward
 from .geometry import GRLGeometry, grl_geometry, pad_multiple
+from .linear import linear, linear_backward
 from .local import CAB
 from .stripe_attn import AnchorProjection, AnchorStripeAttention
 from .window_attn import WindowAttention
@@ -46,8 +47,12 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
-def to_map(x: torch.Tensor, x_size: Tuple[int, int]) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W)."""
+def to_map(x: torch.Tensor, x_size: Tuple[int, int], channels_last: bool = False) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W): a contiguous copy, or with ``channels_last`` a view of the
+    tokens with channels-last strides (which :func:`to_tokens` turns back into tokens without
+    copying; convolutions keep that layout)."""
+    if channels_last:
+        return x.reshape(x.shape[0], x_size[0], x_size[1], x.shape[-1]).permute(0, 3, 1, 2)
     return rearrange(x, "b (h w) c -> b c h w", h=x_size[0], w=x_size[1])
 
 
@@ -76,36 +81,32 @@ class _LeanMlp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, recompute_hidden=False):
-        h = F.linear(x, w1, b1)
+        h = linear(x, w1, b1)
         ctx.save_for_backward(x, None if recompute_hidden else h, w1, b1, w2)
         ctx.has_b2 = b2 is not None
-        return F.linear(F.gelu(h), w2, b2)
+        return linear(F.gelu(h), w2, b2)
 
     @staticmethod
     def backward(ctx, d_out):
         x, h, w1, b1, w2 = ctx.saved_tensors
         if h is None:
-            h = F.linear(x, w1, b1)
+            h = linear(x, w1, b1)
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        d_out2 = d_out.reshape(-1, d_out.shape[-1])
-        d_w2 = d_out2.t().mm(F.gelu(h).reshape(-1, h.shape[-1])) if need_w2 else None
-        d_b2 = d_out2.sum(0) if need_b2 and ctx.has_b2 else None
-        d_h = torch.ops.aten.gelu_backward(torch.matmul(d_out, w2), h)
-        del h
-        d_h2 = d_h.reshape(-1, d_h.shape[-1])
-        d_w1 = d_h2.t().mm(x.reshape(-1, x.shape[-1])) if need_w1 else None
-        d_b1 = d_h2.sum(0) if need_b1 and b1 is not None else None
-        d_x = torch.matmul(d_h, w1) if need_x else None
+        d_g, d_w2, d_b2 = linear_backward(d_out, F.gelu(h), w2, True, need_w2, need_b2 and ctx.has_b2)
+        d_h = torch.ops.aten.gelu_backward(d_g, h)
+        del h, d_g
+        d_x, d_w1, d_b1 = linear_backward(d_h, x, w1, need_x, need_w1, need_b1 and b1 is not None)
         return d_x, d_w1, d_b1, d_w2, d_b2, None
 
 
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``).
 
-    ``lean`` (default): in training without dropout or autocast, :class:`_LeanMlp` keeps
-    ``hidden`` fewer values per token for the backward (recomputing the GELU), or only the
-    input under ``set_lean_backward(True)`` (recomputing fc1 too); same outputs and
-    gradients. The reference path of :class:`GRLBlock` turns it off.
+    ``lean`` (default, the fast path): the products go through :func:`.linear.linear`, and in
+    training without dropout or autocast :class:`_LeanMlp` keeps ``hidden`` fewer values per
+    token for the backward (recomputing the GELU), or only the input under
+    ``set_lean_backward(True)`` (recomputing fc1 too); same outputs and gradients. The
+    reference path of :class:`GRLBlock` turns it off.
     """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, lean: bool = True):
@@ -118,12 +119,15 @@ class Mlp(nn.Module):
         self.lean = lean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.lean and torch.is_grad_enabled() and (self.drop1.p == 0 or not self.training)
+        if not self.lean:
+            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        if (torch.is_grad_enabled() and (self.drop1.p == 0 or not self.training)
                 and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
             return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                   least_memory_backward())
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        h = self.drop1(self.act(linear(x, self.fc1.weight, self.fc1.bias)))
+        return self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
 
 
 class PixelLinear(nn.Linear):
@@ -166,8 +170,8 @@ class QKVProjection(nn.Module):
         without copying a strided slice first)."""
         w, b = self.body.weight, self.body.bias
         half = w.shape[0] // 2
-        return (F.linear(x, w[:half], None if b is None else b[:half]),
-                F.linear(x, w[half:], None if b is None else b[half:]))
+        return (linear(x, w[:half], None if b is None else b[:half]),
+                linear(x, w[half:], None if b is None else b[half:]))
 
 
 class MixedAttention(nn.Module):
@@ -238,14 +242,17 @@ class MixedAttention(nn.Module):
                 geom: Optional[GRLGeometry] = None) -> torch.Tensor:
         if geom is None:
             geom = self.geometry(x_size, x.device)
-        if self.window_attn.attn_impl == "reference":
+        stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
+        if self.window_attn.attn_impl == "reference":  # the plain layers, step by step
             qkv = self.qkv(x)
             half = self.dim * 3 // 2
             qkv_window, qkv_stripe = qkv[..., :half], qkv[..., half:]
-        else:
-            qkv_window, qkv_stripe = self.qkv.halves(x)
+            anchor = self.anchor(x, x_size)
+            y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
+                           self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom)], dim=-1)
+            return self.proj_drop(self.proj(y))
+        qkv_window, qkv_stripe = self.qkv.halves(x)
         anchor = self.anchor(x, x_size)
-        stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
         if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch.onnx.is_in_onnx_export()):  # (tracing: writes into views do not export)
             y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
@@ -254,7 +261,7 @@ class MixedAttention(nn.Module):
             y = qkv_window.new_empty(x.shape)  # (autocast: the projections' dtype)
             self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
             self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
-        return self.proj_drop(self.proj(y))
+        return self.proj_drop(linear(y, self.proj.weight, self.proj.bias))
 
 
 class _MapOrTokens(nn.Module):
@@ -324,11 +331,16 @@ class GRLBlock(_MapOrTokens):
     def pad_multiple(self) -> int:
         return self.attn.pad_multiple
 
+    @property
+    def fast(self) -> bool:
+        """On the fast path (``attn_impl`` not ``"reference"``)."""
+        return self.attn.window_attn.attn_impl != "reference"
+
     def forward_tokens(self, x: torch.Tensor, x_size: Tuple[int, int],
                        geom: Optional[GRLGeometry] = None) -> torch.Tensor:
         y = self._residual(x, self.norm1(self.attn(x, x_size, geom)))
         if self.conv is not None:
-            y = y + self.conv(x, x_size)
+            y = y + self.conv(x, x_size, channels_last=self.fast)
         return self._residual(y, self.norm2(self.mlp(y)))
 
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -393,4 +405,4 @@ class GRLStage(_MapOrTokens):
                 y = checkpoint(blk.forward_tokens, y, x_size, geom, use_reentrant=False)
             else:
                 y = blk.forward_tokens(y, x_size, geom)
-        return to_tokens(self.conv(to_map(y, x_size))) + x
+        return to_tokens(self.conv(to_map(y, x_size, channels_last=self.blocks[0].fast))) + x
