@@ -253,7 +253,7 @@ def extras(d: Doc, base: bool) -> None:
     d.comment('amp: bf16                       # mixed precision (bf16; fp16 adds a GradScaler)', 2)
     d.comment('grad_clip: 0.5                  # max global gradient norm', 2)
     d.comment('lean_backward: true             # keep less for the backward without checkpointing (recompute\n'
-              '                                # attention probabilities and MLP hidden layers), a little slower', 2)
+              '                                # all attention probabilities), a little slower', 2)
     if base:
         d.comment('activation_checkpointing: true  # recompute blocks in backward: far less memory for\n'
                   '                                # GRL-B at the official patch size, ~30% slower', 2)

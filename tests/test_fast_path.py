@@ -590,15 +590,17 @@ def test_two_step_bias_gather_equals_plain_gather(monkeypatch):
     assert gather_plan(relative_index((2, 2), 1, True, cpu), 3) is None  # runs of 2
 
 
-@pytest.mark.parametrize("least_memory", [False, True])
-def test_lean_mlp_matches_plain_mlp_and_keeps_less(least_memory, monkeypatch):
+@pytest.mark.parametrize("mode", [None, True, False])
+def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
     """The lean MLP (training path) gives the plain MLP's output and gradients (input, both
-    weights and biases) and keeps no GELU output for the backward (under
-    set_lean_backward(True) not even fc1's output); the reference path of GRLBlock uses the
-    plain one."""
-    from grl_plugin.layers import GRLBlock, Mlp
+    weights and biases) and keeps only its input for the backward, or under
+    set_lean_backward(False) its input and fc1's output (no GELU output); the reference path
+    of GRLBlock uses the plain one, and GRL.set_attn_impl switches it."""
+    from grl_plugin.layers import GRLBlock, Mlp, set_lean_backward
     from grl_plugin.layers.block import _LeanMlp
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [False if least_memory else None])
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None])
+    set_lean_backward(mode)
+    keep_hidden = mode is False
     torch.manual_seed(0)
     lean, plain = Mlp(6, 10).double(), Mlp(6, 10, lean=False).double()
     plain.load_state_dict(lean.state_dict())
@@ -619,10 +621,10 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(least_memory, monkeypatch):
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
         return sum(n for ptr, n in storages.items() if ptr not in weights) // 8
 
-    assert activations(s1) == 2 * 7 * (6 if least_memory else 6 + 10)
+    assert activations(s1) == 2 * 7 * (6 + 10 if keep_hidden else 6)
     assert activations(s2) == 2 * 7 * (6 + 10 + 10)
     params = [p.detach().clone().requires_grad_() for p in lean.parameters()]
-    assert torch.autograd.gradcheck(lambda *a: _LeanMlp.apply(*a, least_memory),
+    assert torch.autograd.gradcheck(lambda *a: _LeanMlp.apply(*a, not keep_hidden),
                                     (x.detach().requires_grad_(), *params))
     assert GRLBlock(16, 2, 2, attn_impl="reference").mlp.lean is False
     assert GRLBlock(16, 2, 2).mlp.lean is True
@@ -682,11 +684,12 @@ def test_linear_switch_and_fallbacks(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.parametrize("least_memory", [False, True])
-def test_lean_mlp_float32_through_onednn_matches_plain(least_memory, monkeypatch):
-    """The lean MLP's hand-written backward on the oneDNN products (float32, 2048 rows)."""
+@pytest.mark.parametrize("mode", [None, False])
+def test_lean_mlp_float32_through_onednn_matches_plain(mode, monkeypatch):
+    """The lean MLP's hand-written backward on the oneDNN products (float32, 2048 rows), fc1
+    recomputed (default) or kept."""
     from grl_plugin.layers import Mlp
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [False if least_memory else None])
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None if mode is None else not mode])
     torch.manual_seed(0)
     lean, plain = Mlp(24, 48), Mlp(24, 48, lean=False)
     plain.load_state_dict(lean.state_dict())

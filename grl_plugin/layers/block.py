@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import least_memory_backward
+from .attention import keep_mlp_hidden
 from .geometry import GRLGeometry, grl_geometry, pad_multiple
 from .linear import linear, linear_backward
 from .local import CAB
@@ -103,10 +103,10 @@ class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``).
 
     ``lean`` (default, the fast path): the products go through :func:`.linear.linear`, and in
-    training without dropout or autocast :class:`_LeanMlp` keeps ``hidden`` fewer values per
-    token for the backward (recomputing the GELU), or only the input under
-    ``set_lean_backward(True)`` (recomputing fc1 too); same outputs and gradients. The
-    reference path of :class:`GRLBlock` turns it off.
+    training without dropout or autocast :class:`_LeanMlp` keeps only the input for the
+    backward (recomputing fc1 and the GELU there), or under ``set_lean_backward(False)`` the
+    input and fc1's output (recomputing the GELU); same outputs and gradients. The reference
+    path of :class:`GRLBlock` turns it off.
     """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, lean: bool = True):
@@ -125,7 +125,7 @@ class Mlp(nn.Module):
                 and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
             return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                  least_memory_backward())
+                                  not keep_mlp_hidden())
         h = self.drop1(self.act(linear(x, self.fc1.weight, self.fc1.bias)))
         return self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
 

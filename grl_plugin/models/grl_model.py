@@ -6,8 +6,8 @@ Option keys on top of SRModel's (all optional)::
       amp: bf16               # mixed precision: bf16 (CPU and CUDA) | fp16 (CUDA, GradScaler) | none
       grad_clip: 0.5          # clip the global gradient norm (null: off)
       activation_checkpointing: true   # recompute GRL blocks in backward (less memory)
-      lean_backward: null     # true: least memory without checkpointing (attention probabilities
-                              # and MLP hidden layers recomputed); false: fastest; null: automatic
+      lean_backward: null     # true: least memory without checkpointing (all attention probabilities
+                              # recomputed); false: fastest (MLP hidden layers kept); null: automatic
       compile: false          # torch.compile the network (or a dict of torch.compile kwargs)
       nan_tolerance: 5        # stop after this many iterations in a row with a NaN/Inf loss (null: never)
     val:
@@ -88,8 +88,8 @@ class NonFiniteLossError(compat.CompatError):
 def _lean_backward(value):
     if value is None or isinstance(value, bool):
         return value
-    raise ValueError(f"train.lean_backward must be true (least memory: recompute attention probabilities and "
-                     f"MLP hidden layers), false (keep them: fastest) or null (automatic), got {value!r}")
+    raise ValueError(f"train.lean_backward must be true (least memory: recompute all attention probabilities), "
+                     f"false (keep them and the MLP hidden layers: fastest) or null (automatic), got {value!r}")
 
 
 def _nan_tolerance(value):
