@@ -20,7 +20,9 @@ round (GRL and SwinIR alternate which goes first) together with a large fp32 ``t
 FLOPs of one eval forward come from ``torch.utils.flop_counter.FlopCounterMode`` (counted once,
 untimed; a multiply-add = 2 FLOPs, as for the mm's 2 n^3; the fused CPU attention kernel, for
 which torch has no formula, is counted as its two matmuls); achieved GFLOP/s = FLOPs / eval
-median, also as a percentage of the measured mm rate. Peak memory: growth of the peak RSS
+median, also as a percentage of the measured mm rate and of the better of that and the same
+product's rate through oneDNN (``% of best``; on CPUs where MKL's sgemm is slow, oneDNN's
+rate is the machine's). Peak memory: growth of the peak RSS
 (``VmHWM``) of a fresh subprocess per (model, size, network) over its RSS after imports + build,
 after one eval forward and after one training step.
 
@@ -177,16 +179,25 @@ def _count_flops(torch, model, x) -> int:
     """FLOPs of one eval forward (after the one in ``measure``: GRL's position biases are cached,
     as in the timed forwards). torch's counter has no formula for the fused CPU attention kernel
     that ``F.scaled_dot_product_attention`` runs on CPU (it would count GRL's attention as 0), so
-    it is given the one torch uses for the other SDPA kernels (q @ k^T and p @ v)."""
+    it is given the one torch uses for the other SDPA kernels (q @ k^T and p @ v); likewise the
+    oneDNN linear + GELU of the fast path's eval MLPs (``grl_plugin.layers.linear``), counted
+    as its product (torch counts no element-wise ops)."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     def cpu_flash(query, key, value, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(query, key, value)
 
+    def onednn_linear(x_shape, w_shape, *args, out_shape=None, **kwargs):  # the fused fc1 + GELU
+        return 2 * math.prod(x_shape) * w_shape[0]
+
     mapping = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         mapping[op] = cpu_flash
+    try:
+        mapping[torch.ops.mkldnn._linear_pointwise] = onednn_linear
+    except (AttributeError, RuntimeError):
+        pass
     model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     with torch.no_grad(), counter:
@@ -197,6 +208,16 @@ def _count_flops(torch, model, x) -> int:
 def _time_mm(torch, a, b) -> float:
     t = time.perf_counter()
     torch.mm(a, b)
+    return time.perf_counter() - t
+
+
+def _time_onednn(torch, a, b) -> float:
+    """The same n x n product through oneDNN: a 1x1 convolution of ``a`` seen as a (1, n, 1, n)
+    channels-last map (how ``grl_plugin.layers.linear`` runs the fast path's products on CPU;
+    on some CPUs MKL's sgemm behind ``torch.mm`` reaches half of oneDNN's rate)."""
+    n = a.shape[0]
+    t = time.perf_counter()
+    torch.nn.functional.conv2d(a.view(1, 1, n, n).permute(0, 3, 1, 2), b.view(n, n, 1, 1))
     return time.perf_counter() - t
 
 
@@ -233,18 +254,20 @@ def measure(spec: dict, size: int, repeats: int, warmup: int, mm_size: int, thre
     a, b = torch.rand(mm_size, mm_size), torch.rand(mm_size, mm_size)
     for _ in range(warmup):
         _time_mm(torch, a, b)
+        _time_onednn(torch, a, b)
         for m in models.values():
             _train_step(torch, m, x, target)
         for m in models.values():
             _fwd(torch, m, x)
     fwd = {k: [] for k in models}
     train = {k: [] for k in models}
-    mm = []
+    mm, onednn = [], []
     # all eval rounds before all training rounds: a GRL training step drops its eval
     # position-bias cache (stale after an optimizer step), see bench_attention.py
     for r in range(repeats):
         order = list(ARCHS) if r % 2 == 0 else list(reversed(ARCHS))
         mm.append(_time_mm(torch, a, b))
+        onednn.append(_time_onednn(torch, a, b))
         for k in order:
             t = time.perf_counter()
             _fwd(torch, models[k], x)
@@ -252,18 +275,23 @@ def measure(spec: dict, size: int, repeats: int, warmup: int, mm_size: int, thre
     for r in range(repeats):
         order = list(ARCHS) if r % 2 == 0 else list(reversed(ARCHS))
         mm.append(_time_mm(torch, a, b))
+        onednn.append(_time_onednn(torch, a, b))
         for k in order:
             t = time.perf_counter()
             _train_step(torch, models[k], x, target)
             train[k].append(time.perf_counter() - t)
     fwd_med = {k: statistics.median(v) for k, v in fwd.items()}
     mm_gflops = 2 * mm_size ** 3 / statistics.median(mm) / 1e9
+    onednn_gflops = 2 * mm_size ** 3 / statistics.median(onednn) / 1e9
+    best = max(mm_gflops, onednn_gflops)
     gflops_s = {k: flops[k] / fwd_med[k] / 1e9 for k in models}
     row = {"model": spec["model"], "size": size, "grl_params": spec["grl_params"],
            "swinir_params": spec["swinir_params"], "params_ratio": spec["params_ratio"],
            "fwd": fwd_med, "train": {k: statistics.median(v) for k, v in train.items()},
            "flops": flops, "gflops_per_s": gflops_s, "mm_size": mm_size, "mm_gflops_per_s": mm_gflops,
            "pct_of_mm": {k: 100.0 * v / mm_gflops for k, v in gflops_s.items()},
+           "onednn_gflops_per_s": onednn_gflops,
+           "pct_of_best": {k: 100.0 * v / best for k, v in gflops_s.items()},
            "load": os.getloadavg()[0]}
     del models, outs
     if memory:
@@ -296,8 +324,8 @@ def format_models(specs) -> str:
 def format_table(rows) -> str:
     head = ("| model | input | fwd GRL (s) | fwd SwinIR (s) | fwd GRL/SwinIR | train GRL (s) | "
             "train SwinIR (s) | train GRL/SwinIR | GFLOP fwd GRL/SwinIR | GFLOP/s GRL/SwinIR | "
-            "% of mm GRL/SwinIR | +peak MiB fwd GRL/SwinIR | fwd mem GRL/SwinIR | "
-            "+peak MiB train GRL/SwinIR | train mem GRL/SwinIR | mm GFLOP/s | load |")
+            "% of mm GRL/SwinIR | % of best GRL/SwinIR | +peak MiB fwd GRL/SwinIR | fwd mem GRL/SwinIR | "
+            "+peak MiB train GRL/SwinIR | train mem GRL/SwinIR | mm GFLOP/s | oneDNN GFLOP/s | load |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
 
     def ratio(d):
@@ -313,12 +341,13 @@ def format_table(rows) -> str:
             rt = ratio({k: mem[k]["train"] for k in ARCHS})
         else:
             mf = mt = rf = rt = "-"
-        fl, gs, pc = r["flops"], r["gflops_per_s"], r["pct_of_mm"]
+        fl, gs, pc, pb = r["flops"], r["gflops_per_s"], r["pct_of_mm"], r["pct_of_best"]
         lines.append(
             f"| {r['model']} | {r['size']}x{r['size']} | {f['grl']:.3f} | {f['swinir']:.3f} | {ratio(f)} | "
             f"{t['grl']:.3f} | {t['swinir']:.3f} | {ratio(t)} | {fl['grl'] / 1e9:.2f}/{fl['swinir'] / 1e9:.2f} | "
-            f"{gs['grl']:.1f}/{gs['swinir']:.1f} | {pc['grl']:.1f}/{pc['swinir']:.1f} | {mf} | {rf} | "
-            f"{mt} | {rt} | {r['mm_gflops_per_s']:.1f} | {r['load']:.2f} |")
+            f"{gs['grl']:.1f}/{gs['swinir']:.1f} | {pc['grl']:.1f}/{pc['swinir']:.1f} | "
+            f"{pb['grl']:.1f}/{pb['swinir']:.1f} | {mf} | {rf} | {mt} | {rt} | {r['mm_gflops_per_s']:.1f} | "
+            f"{r['onednn_gflops_per_s']:.1f} | {r['load']:.2f} |")
     return "\n".join(lines)
 
 

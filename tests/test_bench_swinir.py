@@ -67,7 +67,7 @@ def test_quick_tables(quick_run):
             for v in _numbers(cell):
                 assert math.isfinite(v) and v > 0, (name, cell)
     for col in ("fwd GRL/SwinIR", "train GRL/SwinIR", "fwd mem GRL/SwinIR", "train mem GRL/SwinIR",
-                "% of mm GRL/SwinIR", "mm GFLOP/s"):
+                "% of mm GRL/SwinIR", "% of best GRL/SwinIR", "mm GFLOP/s", "oneDNN GFLOP/s"):
         assert col in head
 
 
@@ -78,9 +78,14 @@ def test_quick_json(quick_run):
     assert spec["swinir_kwargs"]["embed_dim"] % spec["swinir_kwargs"]["num_heads"][0] == 0
     (row,) = data["rows"]
     assert abs(row["grl_params"] / row["swinir_params"] - 1) <= TOL
-    for key in ("fwd", "train", "flops", "gflops_per_s", "pct_of_mm"):
+    for key in ("fwd", "train", "flops", "gflops_per_s", "pct_of_mm", "pct_of_best"):
         for arch in ("grl", "swinir"):
             assert math.isfinite(row[key][arch]) and row[key][arch] > 0, (key, arch)
+    # % of best: of the better of the two measured matmul rates, so never above % of mm
+    best = max(row["mm_gflops_per_s"], row["onednn_gflops_per_s"])
+    for arch in ("grl", "swinir"):
+        assert row["pct_of_best"][arch] <= row["pct_of_mm"][arch] + 1e-9
+        assert abs(row["pct_of_best"][arch] - 100 * row["gflops_per_s"][arch] / best) <= 1e-6
     for arch in ("grl", "swinir"):
         assert "error" not in row["mem"][arch], row["mem"][arch]
         assert math.isfinite(row["mem"][arch]["train"]) and row["mem"][arch]["train"] > 0

@@ -667,6 +667,25 @@ def test_linear_equals_f_linear_values_and_gradients(rows, bias, contiguous):
     assert linear_mod.linear_backward(g, x.detach(), w.detach(), False, True, False)[::2] == (None, None)
 
 
+def test_linear_gelu_equals_gelu_of_linear_with_and_without_autograd():
+    """layers.linear.linear_gelu: F.gelu(F.linear(...)) in eval (fused in oneDNN where
+    available) and in training (with autograd, the same gradients)."""
+    import grl_plugin.layers.linear as linear_mod
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 1024, 24), torch.randn(48, 24), torch.randn(48)
+    ref = F.gelu(F.linear(x, w, b))
+    with torch.no_grad():
+        got = linear_mod.linear_gelu(x, w, b)
+    assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    x.requires_grad_()
+    got = linear_mod.linear_gelu(x, w, b)
+    assert got.grad_fn is not None and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    g = torch.randn_like(ref)
+    (ga,) = torch.autograd.grad((got * g).sum(), [x])
+    (gr,) = torch.autograd.grad((F.gelu(F.linear(x, w, b)) * g).sum(), [x])
+    assert (ga - gr).abs().max() <= 1e-5 * gr.abs().max()
+
+
 @needs_onednn
 def test_linear_switch_and_fallbacks(monkeypatch):
     """set_onednn_linear(False), float64, autocast: plain F.linear."""

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import keep_mlp_hidden
 from .geometry import GRLGeometry, grl_geometry, pad_multiple
-from .linear import linear, linear_backward
+from .linear import linear, linear_backward, linear_gelu
 from .local import CAB
 from .stripe_attn import AnchorProjection, AnchorStripeAttention
 from .window_attn import WindowAttention
@@ -126,7 +126,7 @@ class Mlp(nn.Module):
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
             return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                   not keep_mlp_hidden())
-        h = self.drop1(self.act(linear(x, self.fc1.weight, self.fc1.bias)))
+        h = self.drop1(linear_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
 
 

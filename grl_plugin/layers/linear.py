@@ -7,7 +7,8 @@ oneDNN. On some CPUs MKL's sgemm reaches less than half of oneDNN's rate on GRL'
 (..., C) tokens *is* a 1x1 convolution of the tokens seen as a channels-last map, and
 :func:`linear` hands it to oneDNN as one without copying: the tokens are viewed as a
 (1, C, 1, M) channels-last map and the (N, C) weight as (N, C, 1, 1). The result is the same
-product (float32 rounding aside: max |difference| ~1e-6 at C=360).
+product (float32 rounding aside: max |difference| ~1e-6 at C=360). :func:`linear_gelu` adds
+the MLP's GELU to the product inside oneDNN when no gradient is needed.
 
 Used where the product is large (``_MIN_ROWS`` token rows and more; below that oneDNN's
 per-call cost shows), on float32 CPU tensors outside autocast; everywhere else, and after
@@ -23,6 +24,10 @@ import torch.nn.functional as F
 
 _MIN_ROWS = 1024
 _ENABLED = [True]
+try:  # oneDNN's linear with a fused element-wise op (inference only: no autograd formula)
+    _LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise
+except (AttributeError, RuntimeError):  # a build without it
+    _LINEAR_POINTWISE = None
 
 
 def set_onednn_linear(enabled: bool = True) -> None:
@@ -50,6 +55,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if not _use_onednn(x, weight):
         return F.linear(x, weight, bias)
     return _from_map(F.conv2d(_as_map(x), weight[:, :, None, None], bias), x.shape[:-1])
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.gelu(linear(x, weight, bias))`` (exact GELU); without autograd, where :func:`linear`
+    uses oneDNN, one oneDNN call with the GELU applied to the product's output in cache (no
+    pass of its own over the hidden layer)."""
+    if (_LINEAR_POINTWISE is not None and _use_onednn(x, weight) and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
+        return _LINEAR_POINTWISE(x.contiguous(), weight, bias, "gelu", [], "none")
+    return F.gelu(linear(x, weight, bias))
 
 
 def linear_backward(d_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool = True,
