@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Type
 import torch
 from torch import nn
 
-from ..layers import ATTN_IMPLS, GRLStage, Mlp, build_last_conv, grl_geometry, pad_multiple
+from ..layers import ATTN_IMPLS, GRLStage, build_last_conv, grl_geometry, pad_multiple
 from ..layers.block import pad_to_multiple, to_map, to_tokens
 
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
@@ -161,8 +161,6 @@ class GRL(nn.Module):
         for m in self.modules():
             if hasattr(m, "attn_impl"):
                 m.attn_impl = impl
-            if isinstance(m, Mlp):
-                m.lean = impl != "reference"
         return self
 
     @property

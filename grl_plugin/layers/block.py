@@ -105,8 +105,9 @@ class Mlp(nn.Module):
     ``lean`` (default, the fast path): the products go through :func:`.linear.linear`, and in
     training without dropout or autocast :class:`_LeanMlp` keeps only the input for the
     backward (recomputing fc1 and the GELU there), or under ``set_lean_backward(False)`` the
-    input and fc1's output (recomputing the GELU); same outputs and gradients. The reference
-    path of :class:`GRLBlock` turns it off.
+    input and fc1's output (recomputing the GELU); same outputs and gradients. Stored as
+    ``attn_impl`` (``"reference"`` when not lean), the attribute ``GRL.set_attn_impl`` switches
+    on every module: the reference path of :class:`GRLBlock` turns it off.
     """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, lean: bool = True):
@@ -116,7 +117,11 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
-        self.lean = lean
+        self.attn_impl = "sdpa" if lean else "reference"
+
+    @property
+    def lean(self) -> bool:
+        return self.attn_impl != "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.lean:
