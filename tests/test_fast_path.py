@@ -667,18 +667,25 @@ def test_linear_equals_f_linear_values_and_gradients(rows, bias, contiguous):
     assert linear_mod.linear_backward(g, x.detach(), w.detach(), False, True, False)[::2] == (None, None)
 
 
-def test_linear_gelu_equals_gelu_of_linear_with_and_without_autograd():
-    """layers.linear.linear_gelu: F.gelu(F.linear(...)) in eval (fused in oneDNN where
-    available) and in training (with autograd, the same gradients)."""
+def test_linear_gelu_equals_gelu_of_linear_with_and_without_autograd(monkeypatch):
+    """layers.linear.linear_gelu: F.gelu(F.linear(...)) in eval (one fused oneDNN call where
+    available) and in training (not fused: with autograd, the same gradients)."""
     import grl_plugin.layers.linear as linear_mod
+    fused_calls = []
+    if linear_mod._LINEAR_POINTWISE is not None:
+        real = linear_mod._LINEAR_POINTWISE
+        monkeypatch.setattr(linear_mod, "_LINEAR_POINTWISE", lambda *a: fused_calls.append(a[3]) or real(*a))
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 1024, 24), torch.randn(48, 24), torch.randn(48)
     ref = F.gelu(F.linear(x, w, b))
     with torch.no_grad():
         got = linear_mod.linear_gelu(x, w, b)
     assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    expect_fused = linear_mod._LINEAR_POINTWISE is not None and torch.backends.mkldnn.is_available()
+    assert fused_calls == (["gelu"] if expect_fused else [])
     x.requires_grad_()
     got = linear_mod.linear_gelu(x, w, b)
+    assert len(fused_calls) == int(expect_fused)  # no fused call with autograd
     assert got.grad_fn is not None and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     g = torch.randn_like(ref)
     (ga,) = torch.autograd.grad((got * g).sum(), [x])
@@ -707,12 +714,15 @@ def test_linear_switch_and_fallbacks(monkeypatch):
 def test_lean_mlp_float32_through_onednn_matches_plain(mode, monkeypatch):
     """The lean MLP's hand-written backward on the oneDNN products (float32, 2048 rows), fc1
     recomputed (default) or kept."""
+    import grl_plugin.layers.linear as linear_mod
     from grl_plugin.layers import Mlp
     monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None if mode is None else not mode])
     torch.manual_seed(0)
     lean, plain = Mlp(24, 48), Mlp(24, 48, lean=False)
     plain.load_state_dict(lean.state_dict())
     x = torch.randn(2, 1024, 24, requires_grad=True)
+    assert linear_mod._use_onednn(x, lean.fc1.weight)
+    assert linear_mod._use_onednn(x.new_empty(2, 1024, 48), lean.fc2.weight)
     w = torch.randn(2, 1024, 24)
     res = []
     for m in (lean, plain):
