@@ -212,13 +212,19 @@ def _time_mm(torch, a, b) -> float:
 
 
 def _time_onednn(torch, a, b) -> float:
-    """The same n x n product as the fast path runs its products on CPU
-    (``grl_plugin.layers.linear.linear``: oneDNN, a 1x1 convolution of a channels-last view;
-    on some CPUs MKL's sgemm behind ``torch.mm`` reaches half of oneDNN's rate)."""
-    from grl_plugin.layers.linear import linear
-    t = time.perf_counter()
-    linear(a, b)
-    return time.perf_counter() - t
+    """The same n x n product through oneDNN as the fast path can run its products on CPU
+    (``grl_plugin.layers.linear.linear`` with the oneDNN route forced: a 1x1 convolution of a
+    channels-last view; on AMD CPUs with AVX-512 MKL's sgemm behind ``torch.mm`` reaches half
+    of oneDNN's rate)."""
+    from grl_plugin.layers import linear as linear_mod
+    before = linear_mod._ENABLED[0]
+    linear_mod.set_onednn_linear(True)
+    try:
+        t = time.perf_counter()
+        linear_mod.linear(a, b)
+        return time.perf_counter() - t
+    finally:
+        linear_mod.set_onednn_linear(before)
 
 
 

@@ -649,11 +649,19 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 
 
+@pytest.fixture
+def onednn_on(monkeypatch):
+    """layers.linear's oneDNN route forced on (by default it is taken on some CPUs only)."""
+    import grl_plugin.layers.linear as linear_mod
+    monkeypatch.setattr(linear_mod, "_ENABLED", [True])
+    return linear_mod
+
+
 @pytest.mark.parametrize("rows,bias,contiguous", [(1100, True, True), (1100, False, False), (30, True, True)])
-def test_linear_equals_f_linear_values_and_gradients(rows, bias, contiguous):
+def test_linear_equals_f_linear_values_and_gradients(rows, bias, contiguous, onednn_on):
     """layers.linear: F.linear's values and gradients (via autograd and via linear_backward,
     each gradient only when asked for); oneDNN takes the product from _MIN_ROWS rows on."""
-    import grl_plugin.layers.linear as linear_mod
+    linear_mod = onednn_on
     torch.manual_seed(0)
     x = torch.randn(2, rows // 2, 40 if contiguous else 24)
     if not contiguous:
@@ -677,10 +685,10 @@ def test_linear_equals_f_linear_values_and_gradients(rows, bias, contiguous):
     assert linear_mod.linear_backward(g, x.detach(), w.detach(), False, True, False)[::2] == (None, None)
 
 
-def test_linear_gelu_equals_gelu_of_linear_with_and_without_autograd(monkeypatch):
+def test_linear_gelu_equals_gelu_of_linear_with_and_without_autograd(monkeypatch, onednn_on):
     """layers.linear.linear_gelu: F.gelu(F.linear(...)) in eval (one fused oneDNN call where
     available) and in training (not fused: with autograd, the same gradients)."""
-    import grl_plugin.layers.linear as linear_mod
+    linear_mod = onednn_on
     fused_calls = []
     if linear_mod._LINEAR_POINTWISE is not None:
         real = linear_mod._LINEAR_POINTWISE
@@ -705,26 +713,33 @@ def test_linear_gelu_equals_gelu_of_linear_with_and_without_autograd(monkeypatch
 
 @needs_onednn
 def test_linear_switch_and_fallbacks(monkeypatch):
-    """set_onednn_linear(False), float64, autocast: plain F.linear."""
+    """set_onednn_linear(True / False / None = by the CPU), float64, autocast: plain F.linear."""
     import grl_plugin.layers.linear as linear_mod
+    monkeypatch.setattr(linear_mod, "_ENABLED", [None])
     x, w = torch.randn(2048, 8), torch.randn(4, 8)
-    assert linear_mod._use_onednn(x, w)
+    assert linear_mod._use_onednn(x, w) == linear_mod.onednn_linear_faster()
+    for faster in (True, False):
+        monkeypatch.setattr(linear_mod, "onednn_linear_faster", lambda: faster)
+        assert linear_mod._use_onednn(x, w) == faster
     linear_mod.set_onednn_linear(False)
-    try:
-        assert not linear_mod._use_onednn(x, w)
-    finally:
-        linear_mod.set_onednn_linear(True)
+    assert not linear_mod._use_onednn(x, w)
+    linear_mod.set_onednn_linear(True)
+    assert linear_mod._use_onednn(x, w)
     assert not linear_mod._use_onednn(x.double(), w.double())
+    # the automatic choice: AMD with AVX-512 kernels only
+    amd, intel = "processor\t: 0\nvendor_id\t: AuthenticAMD\n", "processor\t: 0\nvendor_id\t: GenuineIntel\n"
+    assert linear_mod._onednn_faster_on("AVX512", amd)
+    assert not any(linear_mod._onednn_faster_on(*c) for c in (("AVX2", amd), ("AVX512", intel), ("DEFAULT", "")))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not linear_mod._use_onednn(x, w)
 
 
 @needs_onednn
 @pytest.mark.parametrize("mode", [None, False])
-def test_lean_mlp_float32_through_onednn_matches_plain(mode, monkeypatch):
+def test_lean_mlp_float32_through_onednn_matches_plain(mode, monkeypatch, onednn_on):
     """The lean MLP's hand-written backward on the oneDNN products (float32, 2048 rows), fc1
     recomputed (default) or kept."""
-    import grl_plugin.layers.linear as linear_mod
+    linear_mod = onednn_on
     from grl_plugin.layers import Mlp
     monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None if mode is None else not mode])
     torch.manual_seed(0)

@@ -1,42 +1,70 @@
 """Token-wise linear layers through oneDNN on CPU (the fast path's QKV, output and MLP products).
 
 PyTorch runs ``F.linear`` on x86 CPUs through the BLAS sgemm (MKL) and convolutions through
-oneDNN. On some CPUs MKL's sgemm reaches less than half of oneDNN's rate on GRL's shapes
-(measured on a 2-core AMD EPYC VM, float32, 4096 tokens, C=180: 110-170 GFLOP/s for
-``F.linear``, 320-370 for the same product as a 1x1 convolution). A Linear applied to
-(..., C) tokens *is* a 1x1 convolution of the tokens seen as a channels-last map, and
-:func:`linear` hands it to oneDNN as one without copying: the tokens are viewed as a
-(1, C, 1, M) channels-last map and the (N, C) weight as (N, C, 1, 1). The result is the same
-product (float32 rounding aside: max |difference| ~1e-6 at C=360). :func:`linear_gelu` adds
-the MLP's GELU to the product inside oneDNN when no gradient is needed.
+oneDNN. MKL runs its AVX-512 kernels on Intel CPUs only; on an AMD CPU with AVX-512 its sgemm
+reaches half of oneDNN's rate on GRL's shapes (measured on a 2-core AMD EPYC VM with AVX-512,
+float32, 4096 tokens, C=180: 110-170 GFLOP/s for ``F.linear``, 320-370 for the same product as
+a 1x1 convolution). A Linear applied to (..., C) tokens *is* a 1x1 convolution of the tokens
+seen as a channels-last map, and :func:`linear` hands it to oneDNN as one without copying: the
+tokens are viewed as a (1, C, 1, M) channels-last map and the (N, C) weight as (N, C, 1, 1).
+The result is the same product (float32 rounding aside: max |difference| ~1e-6 at C=360).
+:func:`linear_gelu` adds the MLP's GELU to the product inside oneDNN when no gradient is needed.
 
-Used where the product is large (``_MIN_ROWS`` token rows and more; below that oneDNN's
-per-call cost shows), on float32 CPU tensors outside autocast; everywhere else, and after
-``set_onednn_linear(False)``, it is ``F.linear``. :func:`linear_backward` gives the three
-gradients of the same product for hand-written backward passes.
+By default (:func:`set_onednn_linear` ``None``) this route is taken on AMD CPUs with AVX-512
+only (:func:`onednn_linear_faster`): on a 2-core AMD EPYC VM with AVX2 only, both libraries
+ran these forward products at the same ~165 GFLOP/s and oneDNN's backward (a convolution
+backward) at 0.8 of the two matrix products' rate, and GRL-T/S's fast path ran 2-6 %
+faster without it. It applies where the product is large (``_MIN_ROWS`` token rows and more;
+below that oneDNN's per-call cost shows), on float32 CPU tensors outside autocast; everywhere
+else it is ``F.linear``. :func:`linear_backward` gives the three gradients of the same product
+for hand-written backward passes.
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 _MIN_ROWS = 1024
-_ENABLED = [True]
+_ENABLED: list = [None]  # None: automatic (onednn_linear_faster)
 try:  # oneDNN's linear with a fused element-wise op (inference only: no autograd formula)
     _LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise
 except (AttributeError, RuntimeError):  # a build without it
     _LINEAR_POINTWISE = None
 
 
-def set_onednn_linear(enabled: bool = True) -> None:
-    """Route the fast path's large float32 CPU products through oneDNN (default) or not."""
-    _ENABLED[0] = bool(enabled)
+def set_onednn_linear(enabled: Optional[bool] = None) -> None:
+    """Route the fast path's large float32 CPU products through oneDNN (``True``), never
+    (``False``), or where that is expected to be faster (``None``, the default:
+    :func:`onednn_linear_faster`)."""
+    _ENABLED[0] = None if enabled is None else bool(enabled)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear_faster() -> bool:
+    """Whether this CPU is one where MKL's sgemm lags oneDNN: an AMD CPU (``/proc/cpuinfo``)
+    on which PyTorch runs AVX-512 kernels (MKL keeps to AVX2 there). ``False`` where either
+    cannot be told."""
+    try:
+        with open(Path("/proc/cpuinfo"), encoding="ascii", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        head = ""
+    return _onednn_faster_on(torch.backends.cpu.get_cpu_capability(), head)
+
+
+def _onednn_faster_on(capability: str, cpuinfo: str) -> bool:
+    return capability.startswith("AVX512") and "AuthenticAMD" in cpuinfo
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_ENABLED[0] and x.device.type == "cpu" and x.dtype == torch.float32
+    enabled = _ENABLED[0]
+    if enabled is None:
+        enabled = onednn_linear_faster()
+    return (enabled and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.dim() >= 2 and x.numel() >= _MIN_ROWS * x.shape[-1]
             and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu"))
 
