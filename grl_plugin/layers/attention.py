@@ -469,16 +469,19 @@ class _LeanAttention(torch.autograd.Function):
         n, heads, n1, n2 = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         if p is None:
             qx, kx_t, mask, lse = _logit_operands(q, k, mask, lse)
+            kx_t = kx_t.contiguous()  # (products with a transposed view ran up to 1.6x slower)
         # dS = P * (dP - rowsum(dO * O)) with dP = dO v^T, and rowsum(dO * O) = rowsum(P * dP):
         # from the output, the row term is an extra column of the product
         if out is not None:
             rows_term = (d_out * out).sum(-1, keepdim=True).neg_()
             do_x = torch.cat([d_out, rows_term], -1)
-            v_t = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1).transpose(-2, -1)
+            v_t = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1).transpose(-2, -1).contiguous()
         else:  # P * dP, then minus P * its row sums
-            do_x, v_t = d_out, v.transpose(-2, -1)
+            do_x, v_t = d_out, v.transpose(-2, -1).contiguous()
         step = _block_rows(n * heads * n2 * q.element_size(), n1)
-        d_q = d_k = d_v = d_bias = None
+        # dV and dK are accumulated transposed, dV^T += dO^T P and dK^T += q^T dS: the same sums,
+        # 1.2-2.4x faster than P^T dO and dS^T q (whose first operand is a transposed view)
+        d_q = d_k_t = d_v_t = d_bias = None
         if step < n1:
             d_q = torch.empty_like(q) if need_q else None
             d_bias = bias.new_empty(heads, n1, n2) if need_values else None
@@ -486,13 +489,13 @@ class _LeanAttention(torch.autograd.Function):
             rows = slice(start, start + step)
             pb = p[:, :, rows] if p is not None else _probs_(_logits_block(qx, kx_t, bias, mask, lse, rows))
             if need_v:
-                d_v = _accumulate(d_v, pb.transpose(-2, -1), d_out[:, :, rows])
+                d_v_t = _accumulate(d_v_t, d_out[:, :, rows].transpose(-2, -1), pb)
             ds = torch.matmul(do_x[:, :, rows], v_t).mul_(pb)
             if out is None:
                 ds.addcmul_(pb, ds.sum(-1, keepdim=True), value=-1.0)
             del pb
             if need_k:
-                d_k = _accumulate(d_k, ds.transpose(-2, -1), q[:, :, rows])
+                d_k_t = _accumulate(d_k_t, q[:, :, rows].transpose(-2, -1), ds)
             if need_q:
                 if step < n1:
                     d_q[:, :, rows] = torch.matmul(ds, k)
@@ -504,6 +507,8 @@ class _LeanAttention(torch.autograd.Function):
                 else:
                     d_bias = ds.sum(0)
             del ds
+        d_k = None if d_k_t is None else d_k_t.transpose(-2, -1)
+        d_v = None if d_v_t is None else d_v_t.transpose(-2, -1)
         d_values = None
         if need_values:
             d_values = d_bias.new_zeros(heads, ctx.n_values).index_add_(1, index.reshape(-1), d_bias.view(heads, -1))
