@@ -21,7 +21,6 @@ for hand-written backward passes.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -43,21 +42,27 @@ def set_onednn_linear(enabled: Optional[bool] = None) -> None:
     _ENABLED[0] = None if enabled is None else bool(enabled)
 
 
-@functools.lru_cache(maxsize=None)
 def onednn_linear_faster() -> bool:
     """Whether this CPU is one where MKL's sgemm lags oneDNN: an AMD CPU (``/proc/cpuinfo``)
     on which PyTorch runs AVX-512 kernels (MKL keeps to AVX2 there). ``False`` where either
-    cannot be told."""
+    cannot be told. Read once, at import (a file read inside ``torch.compile`` would break
+    the graph)."""
+    return _ONEDNN_FASTER
+
+
+def _read_cpuinfo() -> str:
     try:
         with open(Path("/proc/cpuinfo"), encoding="ascii", errors="replace") as f:
-            head = f.read(4096)
+            return f.read(4096)
     except OSError:
-        head = ""
-    return _onednn_faster_on(torch.backends.cpu.get_cpu_capability(), head)
+        return ""
 
 
 def _onednn_faster_on(capability: str, cpuinfo: str) -> bool:
     return capability.startswith("AVX512") and "AuthenticAMD" in cpuinfo
+
+
+_ONEDNN_FASTER = _onednn_faster_on(torch.backends.cpu.get_cpu_capability(), _read_cpuinfo())
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
