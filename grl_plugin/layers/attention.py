@@ -279,9 +279,9 @@ class _CpbMlp(torch.autograd.Function):
 
 def _cpb_blocks(t: torch.Tensor, w1: torch.Tensor):
     """Row slices of the (T, 2) table for :class:`_CpbMlp`: one unless its (T, hidden) layer
-    is larger than 1.5 ``_BACKWARD_BLOCK_BYTES`` (as :func:`_block_rows`)."""
+    is too large to go whole by :func:`_block_rows`'s rule."""
     cells = t.shape[0]
-    if cells * w1.shape[0] * w1.element_size() <= _BACKWARD_BLOCK_BYTES * 3 // 2:
+    if _block_rows(w1.shape[0] * w1.element_size(), cells) == cells:
         return [slice(0, cells)]
     return [slice(i, i + _CPB_BLOCK_ROWS) for i in range(0, cells, _CPB_BLOCK_ROWS)]
 
@@ -482,7 +482,7 @@ class _LeanAttention(torch.autograd.Function):
         # dV and dK are accumulated transposed, dV^T += dO^T P and dK^T += q^T dS: the same sums,
         # 1.2-2.4x faster than P^T dO and dS^T q (whose first operand is a transposed view)
         d_q = d_k_t = d_v_t = d_bias = None
-        if step < n1:
+        if step < n1:  # blocks write into whole gradients; one block's products are them
             d_q = torch.empty_like(q) if need_q else None
             d_bias = bias.new_empty(heads, n1, n2) if need_values else None
         for start in range(0, n1, step):
