@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from grl_plugin.archs.grl_arch import GRL
 from grl_plugin.layers import attention as attention_mod
 from grl_plugin.layers.attention import AffineTransform, cosine_attention
+from grl_plugin.layers.geometry import coords_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -37,39 +38,62 @@ def test_position_bias_gather_matches_advanced_indexing_with_grads():
         assert (a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max()))
 
 
+@pytest.mark.parametrize("grid", [False, True])
 @pytest.mark.parametrize("blocked", [False, True])
-def test_cpb_mlp_function_gradcheck_and_frozen_parts(blocked, monkeypatch):
-    """The hand-written MLP backward (hidden layer recomputed) against autograd, float64; also
-    going through the table in blocks of cells (forced: 30 cells in blocks of 8, the last 6)."""
+def test_cpb_mlp_function_gradcheck_and_frozen_parts(blocked, grid, monkeypatch):
+    """The hand-written MLP backward (hidden layer recomputed) against autograd, float64; on a
+    5 x 6 coordinate grid (separable first layer) and on 30 scattered cells; also going
+    through the table in blocks (forced: blocks of 8 cells, the last 6; on the grid blocks of
+    two grid rows, the last one row)."""
     if blocked:
-        monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", 1)
-        monkeypatch.setattr(attention_mod, "_CPB_BLOCK_ROWS", 8)
+        monkeypatch.setattr(attention_mod, "_CPB_BLOCK_CELLS", 12 if grid else 8)
     torch.manual_seed(5)
-    t = torch.randn(30, 2, dtype=torch.float64)
+    if grid:
+        table = torch.stack(torch.meshgrid(torch.randn(5, dtype=torch.float64),
+                                           torch.randn(6, dtype=torch.float64), indexing="ij"), -1)[None]
+        shape = attention_mod._grid_shape(table)
+        assert shape == ((5, 6) if blocked else None)  # (one block: the plain product)
+        t, shape = table.reshape(-1, 2), (5, 6)
+    else:
+        t, shape = torch.randn(30, 2, dtype=torch.float64), None
+        assert attention_mod._grid_shape(t.view(1, 5, 6, 2)) is None
     w1, b1 = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
-    blocks = attention_mod._cpb_blocks(t, w1)
-    assert [(b.start, min(b.stop, 30)) for b in blocks] == ([(0, 8), (8, 16), (16, 24), (24, 30)] if blocked
-                                                            else [(0, 30)])
+    blocks = attention_mod._CpbPlan(t, w1, b1, shape).blocks
+    expected_blocks = [(0, 30)]
+    if blocked:
+        expected_blocks = [(0, 12), (12, 24), (24, 30)] if grid else [(0, 8), (8, 16), (16, 24), (24, 30)]
+    assert [(b.start, min(b.stop, 30)) for b in blocks] == expected_blocks
     w2 = torch.randn(3, 16, dtype=torch.float64)
     params = [x.requires_grad_() for x in (w1, b1, w2)]
-    assert torch.autograd.gradcheck(lambda *p: attention_mod._CpbMlp.apply(t, *p), params)
+    assert torch.autograd.gradcheck(lambda *p: attention_mod._CpbMlp.apply(t, *p, shape), params)
     # only some parts trainable: the others get no gradient, the rest the same as autograd's
-    w1.requires_grad_(False)
-    out = attention_mod._CpbMlp.apply(t, w1, b1, w2)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad((out * g).sum(), [b1, w2])
-    assert torch.allclose(out, torch.mm(w2, torch.relu(t @ w1.t() + b1).t()))
-    ref = torch.autograd.grad((torch.mm(w2, torch.relu(t @ w1.t() + b1).t()) * g).sum(), [b1, w2])
-    for a, b in zip(got, ref):
-        assert torch.allclose(a, b)
+    for frozen in (w1, b1):
+        frozen.requires_grad_(False)
+        out = attention_mod._CpbMlp.apply(t, w1, b1, w2, shape)
+        g = torch.randn_like(out)
+        wanted = [x for x in (w1, b1, w2) if x.requires_grad]
+        got = torch.autograd.grad((out * g).sum(), wanted)
+        plain = torch.mm(w2, torch.relu(t @ w1.t() + b1).t())
+        assert torch.allclose(out, plain)
+        ref = torch.autograd.grad((plain * g).sum(), wanted)
+        for a, b in zip(got, ref):
+            assert torch.allclose(a, b)
+        frozen.requires_grad_(True)
 
 
-def test_bias_values_training_paths_agree():
+@pytest.mark.parametrize("table_kind", ["scattered", "window32"])
+def test_bias_values_training_paths_agree(table_kind):
     """Training bias values: the MLP Function (fp32) and the checkpoint path (autocast) give the
-    eval values and the same parameter gradients as plain autograd through ``cpb_mlp``."""
+    eval values and the same parameter gradients as plain autograd through ``cpb_mlp``; on a
+    random 9 x 9 table and on the 63 x 63 grid of 32x32 windows (blocks of grid rows)."""
     torch.manual_seed(6)
     t = AffineTransform(2)
-    table = torch.randn(1, 9, 9, 2)
+    if table_kind == "scattered":
+        table = torch.randn(1, 9, 9, 2)
+    else:
+        table = coords_table((32, 32), 1, torch.device("cpu"))
+        assert attention_mod._grid_shape(table) == (63, 63)
+        assert len(attention_mod._CpbPlan(table.reshape(-1, 2), *list(t.cpb_mlp[0].parameters()), (63, 63)).blocks) > 1
     with torch.no_grad():
         expected = t.bias_values(table)
     values = t.bias_values(table)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +66,9 @@ _TWO_STEP_GATHER_MIN = 1 << 16
 # attentions took 0.82-0.97 of the unblocked time; 4 MiB blocks were within the noise of
 # 8 MiB, 2 MiB slower on the larger head dims.
 _BACKWARD_BLOCK_BYTES = 8 * 2 ** 20
-# Table cells per block of the CPB MLP's training passes where its hidden layer is large
-# (blocks of 1 MiB at GRL's width 512: forward + backward of the 6,241-cell stripe table,
-# 12.8 MiB, took 0.85 of the unblocked time on the AMD EPYC VM; the 3,969-cell window
-# table, 8 MiB, is left whole: 1.03 blocked).
-_CPB_BLOCK_ROWS = 512
+# Table cells per block of the CPB MLP (:class:`_CpbPlan`): blocks of 2 MiB at GRL's hidden
+# width 512, whose passes stay in the cache.
+_CPB_BLOCK_CELLS = 1024
 # the fused CPU kernel behind SDPA, called directly for its row log-sum-exp (None if absent)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -216,12 +214,14 @@ class AffineTransform(nn.Module):
         return self._bias_values(table)
 
     def _mlp_inputs(self, table: torch.Tensor):
-        """(t (T, 2), w1, b1, w2) for :func:`_cpb_mlp` / :class:`_CpbMlp`."""
+        """(t (T, 2), w1, b1, w2, grid) for :func:`_cpb_forward` / :class:`_CpbMlp`; ``grid``
+        is the table's (rows, cols) when it is a coordinate grid (:func:`_grid_shape`)."""
         lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
-        return table.reshape(-1, 2).to(lin1.weight.dtype), lin1.weight, lin1.bias, lin2.weight
+        t = table.reshape(-1, 2).to(lin1.weight.dtype)
+        return t, lin1.weight, lin1.bias, lin2.weight, _grid_shape(table)
 
     def _bias_values(self, table: torch.Tensor) -> torch.Tensor:
-        return 16 * torch.sigmoid(_cpb_mlp(*self._mlp_inputs(table)))
+        return 16 * torch.sigmoid(_cpb_forward(*self._mlp_inputs(table)))
 
     def train(self, mode: bool = True):  # training: the eval-time biases go stale with the next step
         if mode:
@@ -233,57 +233,149 @@ class AffineTransform(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def _cpb_hidden(t: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
-    """The CPB MLP's hidden layer relu(t @ w1^T + b1): (T, hidden)."""
-    return torch.addmm(b1, t, w1.t()).relu_()
+def _grid_shape(table: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(rows, cols) of a (1, rows, cols, 2) table that is a coordinate grid, ``table[0, i, j] ==
+    (a_i, b_j)`` (every table of :func:`~.geometry.coords_table` is: a meshgrid), else ``None``
+    (also for tables of one block of :class:`_CpbPlan`, and under ``torch.compile`` and
+    tracing, all of which take the plain MLP)."""
+    if (table.dim() != 4 or table.shape[0] != 1 or table.shape[-1] != 2 or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or _one_block(table.shape[1] * table.shape[2])):
+        return None
+    g = table[0]
+    if torch.equal(g[..., 0], g[:, :1, 0].expand_as(g[..., 0])) and torch.equal(g[..., 1], g[:1, :, 1].expand_as(g[..., 1])):
+        return g.shape[0], g.shape[1]
+    return None
 
 
 def _cpb_mlp(t, w1, b1, w2) -> torch.Tensor:
-    """The CPB MLP head-major: ``w2 @ relu(t @ w1^T + b1)^T`` -> (heads, T). ``t``: (T, 2) table;
-    ``w1``, ``b1``, ``w2``: its ``Linear(2, hidden)`` and ``Linear(hidden, heads, bias=False)``."""
-    return torch.mm(w2, _cpb_hidden(t, w1, b1).t())
+    """The CPB MLP head-major, ``w2 @ relu(t @ w1^T + b1)^T`` -> (heads, T), in one piece (the
+    form ``torch.compile`` and tracing see). ``t``: (T, 2) table; ``w1``, ``b1``, ``w2``: its
+    ``Linear(2, hidden)`` and ``Linear(hidden, heads, bias=False)``."""
+    return torch.mm(w2, torch.addmm(b1, t, w1.t()).relu_().t())
+
+
+def _one_block(cells: int) -> bool:
+    """Whether the MLP goes through a table of ``cells`` cells in one piece (up to 1.5 blocks)."""
+    return cells <= _CPB_BLOCK_CELLS * 3 // 2
+
+
+class _CpbPlan:
+    """How :func:`_cpb_forward` and :class:`_CpbMlp` go through the table: in blocks of about
+    ``_CPB_BLOCK_CELLS`` cells (a block's (cells, hidden) layer and its passes stay in the
+    cache), each block's hidden layer formed by :meth:`hidden`.
+
+    On a coordinate grid (``grid`` = (rows, cols), cell (i, j) = (a_i, b_j)) the first layer
+    is separable: ``t_ij @ w1^T + b1 = A_i + B_j`` with ``A = a w1[:, 0]^T + b1`` (rows, hidden)
+    and ``B = b w1[:, 1]^T`` (cols, hidden), so a block of whole grid rows is one broadcast sum
+    (instead of a product with two-long rows, which the BLAS runs at a fraction of the memory
+    speed), and its gradients are sums of the hidden gradient over the grid's columns and rows
+    (:meth:`reduce`). Elsewhere, blocks of cells and the plain product."""
+
+    def __init__(self, t, w1, b1, grid):
+        self.t, self.w1, self.b1, self.grid = t, w1, b1, grid
+        cells = t.shape[0]
+        if grid is None or _one_block(cells):
+            self.A = None
+            step = cells if _one_block(cells) else _CPB_BLOCK_CELLS
+            self.blocks = [slice(i, i + step) for i in range(0, cells, step)]
+        else:
+            rows, cols = grid
+            g = t.view(rows, cols, 2)
+            self.a, self.b = g[:, 0, 0], g[0, :, 1]
+            self.A = torch.addr(b1, self.a, w1[:, 0])
+            self.B = torch.outer(self.b, w1[:, 1])
+            step = max(1, _CPB_BLOCK_CELLS // cols)
+            self.blocks = [slice(i * cols, min(i + step, rows) * cols) for i in range(0, rows, step)]
+        # without autograd the blocks' hidden layers and their gradients go into two reused
+        # buffers (fresh 2 MiB tensors per block cost page faults or, at best, cold cache lines)
+        self.buffers = None
+        if len(self.blocks) > 1 and not torch.is_grad_enabled():
+            size = (self.blocks[0].stop - self.blocks[0].start, w1.shape[0])
+            self.buffers = (w1.new_empty(size), w1.new_empty(size))
+
+    def hidden(self, cells: slice) -> torch.Tensor:
+        """relu(first layer) of the block's cells: (cells, hidden)."""
+        n = min(cells.stop, self.t.shape[0]) - cells.start
+        out = None if self.buffers is None else self.buffers[0][:n]
+        if self.A is None:
+            return torch.addmm(self.b1, self.t[cells], self.w1.t(), out=out).relu_()
+        cols = self.grid[1]
+        rows = slice(cells.start // cols, cells.stop // cols)
+        a, b = self.A[rows, None], self.B[None]
+        h = torch.add(a, b) if out is None else torch.add(a, b, out=out.view(-1, cols, out.shape[1]))
+        return h.view(n, -1).relu_()
+
+    def hidden_grad(self, g: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The block's hidden-layer gradient from its output gradient ``g`` (heads, cells)."""
+        if self.buffers is None:
+            return torch.ops.aten.threshold_backward(torch.mm(g.t(), w2), hidden, 0)
+        d = torch.mm(g.t(), w2, out=self.buffers[1][:hidden.shape[0]])
+        return torch.ops.aten.threshold_backward.grad_input(d, hidden, 0, grad_input=d)
+
+    def reduce(self, cells: slice, d_hidden: torch.Tensor, acc, need_w1: bool):
+        """Accumulate the block's first-layer gradients into ``acc`` (``None`` at the first
+        block): (dW^T (2, hidden) or None, db1 (hidden,)), or on a grid (dA (rows, hidden),
+        dB (cols, hidden) or None), which :meth:`finish` turns into them."""
+        if self.A is None:
+            d_w1_t, d_b1 = acc if acc is not None else (None, None)
+            if need_w1:
+                d_w1_t = _accumulate(d_w1_t, self.t[cells].t(), d_hidden)
+            s = d_hidden.sum(0)
+            return d_w1_t, s if d_b1 is None else d_b1.add_(s)
+        rows, cols = self.grid
+        if acc is None:
+            acc = (d_hidden.new_empty(rows, d_hidden.shape[1]),
+                   d_hidden.new_zeros(cols, d_hidden.shape[1]) if need_w1 else None)
+        d_a, d_b = acc
+        d3 = d_hidden.view(-1, cols, d_hidden.shape[1])
+        torch.sum(d3, 1, out=d_a[cells.start // cols:cells.stop // cols])
+        if d_b is not None:
+            d_b.add_(d3.sum(0))
+        return acc
+
+    def finish(self, acc):
+        """(d_w1 (hidden, 2) or None, d_b1) from :meth:`reduce`'s sums."""
+        if self.A is None:
+            d_w1_t, d_b1 = acc
+            return None if d_w1_t is None else d_w1_t.t(), d_b1
+        d_a, d_b = acc
+        d_w1 = None if d_b is None else torch.stack([torch.mv(d_a.t(), self.a), torch.mv(d_b.t(), self.b)], 1)
+        return d_w1, d_a.sum(0)
+
+
+def _cpb_forward(t, w1, b1, w2, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """:func:`_cpb_mlp` block by block (:class:`_CpbPlan`): (heads, T)."""
+    if _one_block(t.shape[0]):
+        return _cpb_mlp(t, w1, b1, w2)
+    plan = _CpbPlan(t, w1, b1, grid)
+    return torch.cat([torch.mm(plan.hidden(cells), w2.t()) for cells in plan.blocks]).t().contiguous()
 
 
 class _CpbMlp(torch.autograd.Function):
-    """:func:`_cpb_mlp` keeping only its inputs for the backward, which recomputes the
-    (T, hidden) layer (``t`` gets no gradient). Tables with a large hidden layer (GRL's
-    64x64 stripes: 6,241 cells, 12.8 MiB; see :func:`_cpb_blocks`) go through both passes
-    ``_CPB_BLOCK_ROWS`` cells at a time, each block's passes in the cache."""
+    """:func:`_cpb_forward` keeping only its inputs for the backward, which recomputes the
+    (T, hidden) layer block by block (``t`` gets no gradient)."""
 
     @staticmethod
-    def forward(ctx, t, w1, b1, w2):
+    def forward(ctx, t, w1, b1, w2, grid=None):
         ctx.save_for_backward(t, w1, b1, w2)
-        blocks = _cpb_blocks(t, w1)
-        if len(blocks) == 1:
-            return _cpb_mlp(t, w1, b1, w2)
-        return torch.cat([_cpb_mlp(t[rows], w1, b1, w2) for rows in blocks], 1)
+        ctx.grid = grid
+        return _cpb_forward(t, w1, b1, w2, grid)
 
     @staticmethod
     def backward(ctx, grad):
         t, w1, b1, w2 = ctx.saved_tensors
         need_w1, need_b1, need_w2 = ctx.needs_input_grad[1:4]
-        d_w1_t = d_b1 = d_w2 = None
-        for rows in _cpb_blocks(t, w1):
-            hidden = _cpb_hidden(t[rows], w1, b1)
-            g = grad[:, rows]
+        plan = _CpbPlan(t, w1, b1, ctx.grid)
+        d_w2 = acc = None
+        for cells in plan.blocks:
+            hidden = plan.hidden(cells)
+            g = grad[:, cells]
             if need_w2:
                 d_w2 = _accumulate(d_w2, g, hidden)
             if need_w1 or need_b1:
-                d_hidden = torch.ops.aten.threshold_backward(torch.mm(g.t(), w2), hidden, 0)
-                if need_w1:
-                    d_w1_t = _accumulate(d_w1_t, t[rows].t(), d_hidden)
-                if need_b1:
-                    d_b1 = d_hidden.sum(0) if d_b1 is None else d_b1.add_(d_hidden.sum(0))
-        return None, None if d_w1_t is None else d_w1_t.t(), d_b1, d_w2
-
-
-def _cpb_blocks(t: torch.Tensor, w1: torch.Tensor):
-    """Row slices of the (T, 2) table for :class:`_CpbMlp`: one unless its (T, hidden) layer
-    is too large to go whole by :func:`_block_rows`'s rule."""
-    cells = t.shape[0]
-    if _block_rows(w1.shape[0] * w1.element_size(), cells) == cells:
-        return [slice(0, cells)]
-    return [slice(i, i + _CPB_BLOCK_ROWS) for i in range(0, cells, _CPB_BLOCK_ROWS)]
+                acc = plan.reduce(cells, plan.hidden_grad(g, w2, hidden), acc, need_w1)
+        d_w1, d_b1 = plan.finish(acc) if acc is not None else (None, None)
+        return None, d_w1, d_b1 if need_b1 else None, d_w2, None
 
 
 def _gather_bias(values: torch.Tensor, index: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
