@@ -345,7 +345,7 @@ class _CpbPlan:
 
 def _cpb_forward(t, w1, b1, w2, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """:func:`_cpb_mlp` block by block (:class:`_CpbPlan`): (heads, T)."""
-    if _one_block(t.shape[0]):
+    if _one_block(t.shape[0]) or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return _cpb_mlp(t, w1, b1, w2)
     plan = _CpbPlan(t, w1, b1, grid)
     return torch.cat([torch.mm(plan.hidden(cells), w2.t()) for cells in plan.blocks]).t().contiguous()
