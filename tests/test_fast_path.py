@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from grl_plugin.archs.grl_arch import GRL
 from grl_plugin.layers import attention as attention_mod
 from grl_plugin.layers.attention import AffineTransform, cosine_attention
+from grl_plugin.layers import geometry as geometry_mod
 from grl_plugin.layers.geometry import coords_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,9 @@ def test_bias_values_training_paths_agree(table_kind):
     else:
         table = coords_table((32, 32), 1, torch.device("cpu"))
         assert attention_mod._grid_shape(table) == (63, 63)
+        hits = geometry_mod._grid_shape.cache_info().hits
+        assert attention_mod._grid_shape(table) == (63, 63)  # checked once per table
+        assert geometry_mod._grid_shape.cache_info().hits == hits + 1
         assert len(attention_mod._CpbPlan(table.reshape(-1, 2), *list(t.cpb_mlp[0].parameters()), (63, 63)).blocks) > 1
     with torch.no_grad():
         expected = t.bias_values(table)

@@ -236,17 +236,14 @@ class AffineTransform(nn.Module):
 
 
 def _grid_shape(table: torch.Tensor) -> Optional[Tuple[int, int]]:
-    """(rows, cols) of a (1, rows, cols, 2) table that is a coordinate grid, ``table[0, i, j] ==
-    (a_i, b_j)`` (every table of :func:`~.geometry.coords_table` is: a meshgrid), else ``None``
-    (also for tables of one block of :class:`_CpbPlan`, and under ``torch.compile`` and
-    tracing, all of which take the plain MLP)."""
-    if (table.dim() != 4 or table.shape[0] != 1 or table.shape[-1] != 2 or torch.compiler.is_compiling()
-            or torch.jit.is_tracing() or _one_block(table.shape[1] * table.shape[2])):
+    """(rows, cols) of a table that is a coordinate grid (:func:`~.geometry.grid_shape`), for
+    the grid form of :class:`_CpbPlan`; ``None`` for other tables, tables of one block, and
+    under ``torch.compile`` and tracing, all of which take the plain MLP."""
+    if (table.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or _one_block(table.shape[1] * table.shape[2])):
         return None
-    g = table[0]
-    if torch.equal(g[..., 0], g[:, :1, 0].expand_as(g[..., 0])) and torch.equal(g[..., 1], g[:1, :, 1].expand_as(g[..., 1])):
-        return g.shape[0], g.shape[1]
-    return None
+    from .geometry import grid_shape
+    return grid_shape(table)
 
 
 def _cpb_mlp(t, w1, b1, w2) -> torch.Tensor:
@@ -314,16 +311,18 @@ class _CpbPlan:
         d = torch.mm(g.t(), w2, out=self.buffers[1][:hidden.shape[0]])
         return torch.ops.aten.threshold_backward.grad_input(d, hidden, 0, grad_input=d)
 
-    def reduce(self, cells: slice, d_hidden: torch.Tensor, acc, need_w1: bool):
+    def reduce(self, cells: slice, d_hidden: torch.Tensor, acc, need_w1: bool, need_b1: bool):
         """Accumulate the block's first-layer gradients into ``acc`` (``None`` at the first
-        block): (dW^T (2, hidden) or None, db1 (hidden,)), or on a grid (dA (rows, hidden),
-        dB (cols, hidden) or None), which :meth:`finish` turns into them."""
+        block): (dW^T (2, hidden) or None, db1 (hidden,) or None), or on a grid (dA (rows,
+        hidden), which both need, dB (cols, hidden) or None), which :meth:`finish` turns into
+        them."""
         if self.A is None:
             d_w1_t, d_b1 = acc if acc is not None else (None, None)
             if need_w1:
                 d_w1_t = _accumulate(d_w1_t, self.t[cells].t(), d_hidden)
-            s = d_hidden.sum(0)
-            return d_w1_t, s if d_b1 is None else d_b1.add_(s)
+            if need_b1:
+                d_b1 = d_hidden.sum(0) if d_b1 is None else d_b1.add_(d_hidden.sum(0))
+            return d_w1_t, d_b1
         rows, cols = self.grid
         if acc is None:
             acc = (d_hidden.new_empty(rows, d_hidden.shape[1]),
@@ -375,7 +374,7 @@ class _CpbMlp(torch.autograd.Function):
             if need_w2:
                 d_w2 = _accumulate(d_w2, g, hidden)
             if need_w1 or need_b1:
-                acc = plan.reduce(cells, plan.hidden_grad(g, w2, hidden), acc, need_w1)
+                acc = plan.reduce(cells, plan.hidden_grad(g, w2, hidden), acc, need_w1, need_b1)
         d_w1, d_b1 = plan.finish(acc) if acc is not None else (None, None)
         return None, d_w1, d_b1 if need_b1 else None, d_w2, None
 

@@ -154,6 +154,25 @@ def gather_plan(index: torch.Tensor, table_width: int):
     return _gather_plan(index, int(table_width))
 
 
+@lru_cache(maxsize=64)
+def _grid_shape(table: torch.Tensor) -> Optional[Tuple[int, int]]:
+    g = table[0]
+    if (torch.equal(g[..., 0], g[:, :1, 0].expand_as(g[..., 0]))
+            and torch.equal(g[..., 1], g[:1, :, 1].expand_as(g[..., 1]))):
+        return int(g.shape[0]), int(g.shape[1])
+    return None
+
+
+@torch.compiler.disable
+def grid_shape(table: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(rows, cols) of a (1, rows, cols, 2) coordinate table that is a grid, ``table[0, i, j] ==
+    (a_i, b_j)`` (every :func:`coords_table` is: a meshgrid), else ``None``. Cached per table
+    tensor (checked once, not at every forward: on a GPU the check waits for the device)."""
+    if table.dim() != 4 or table.shape[0] != 1 or table.shape[-1] != 2:
+        return None
+    return _grid_shape(table)
+
+
 # ---------------------------------------------------------------------------------------- masks
 def _region_labels(size: Size2, window: Size2, shift: Size2, device: torch.device) -> torch.Tensor:
     """(n_windows, w0 w1) region labels of the shifted layout, partitioned into windows."""
@@ -340,6 +359,6 @@ def grl_geometry(window_size: int, stripe_size: Sequence[Optional[int]],
 
 def clear_cache() -> None:
     """Drop every cached table, index and mask (e.g. to free device memory)."""
-    for fn in (coords_table, relative_index, partition_order, _gather_plan, window_mask, stripe_masks,
+    for fn in (coords_table, relative_index, partition_order, _gather_plan, _grid_shape, window_mask, stripe_masks,
                _mask_split, _mask_factors, _grl_geometry):
         fn.cache_clear()
