@@ -674,6 +674,66 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
     assert net.set_attn_impl("sdpa").fast and all(m.lean for m in net.modules() if isinstance(m, Mlp))
 
 
+@pytest.mark.parametrize("mode", [None, True, False])
+def test_post_norms_recompute_their_input(mode, monkeypatch):
+    """In training on the fast path the block's two post-norms keep only their row statistics,
+    not their inputs (the attention's output projection and fc2's output, recomputed in the
+    backward) -- 2 x B x L x C values fewer per block -- except under set_lean_backward(False);
+    output and every gradient equal those of the norms applied as modules."""
+    from grl_plugin.layers import GRLBlock, set_lean_backward
+    from grl_plugin.layers import block as block_mod
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None])
+    set_lean_backward(mode)
+    torch.manual_seed(0)
+    blk = GRLBlock(16, 2, 2, window_size=4, stripe_size=(8, 8), anchor_window_down_factor=2,
+                   local_connection=True).double().train()
+    for norm in (blk.norm1, blk.norm2):  # not the initial 1 / 0
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16 * 16, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 16 * 16, 16, dtype=torch.float64)
+    params = dict(blk.named_parameters())
+    weights = {p.untyped_storage().data_ptr() for p in params.values()}
+    runs = []
+    real = block_mod._norm_args
+    for fused in (True, False):
+        monkeypatch.setattr(block_mod, "_norm_args", real if fused else (lambda norm: None))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = blk(x, (16, 16))
+        grads = torch.autograd.grad((out * w).sum(), [x, *params.values()])
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        runs.append((out, grads, sum(n for p, n in storages.items() if p not in weights) // 8))
+    (o1, g1, n1), (o2, g2, n2) = runs
+    assert torch.allclose(o1, o2, rtol=0, atol=1e-12)
+    for name, a, b in zip(["x", *params], g1, g2):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-11), name
+    assert n2 - n1 == (0 if mode is False else 2 * 2 * 16 * 16 * 16)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_norm_and_mlp_norm_gradcheck(bias):
+    """The fused product + post-norm functions against finite differences (float64), with and
+    without the product's bias, and with frozen parts."""
+    from grl_plugin.layers.block import _LeanMlp, _LinearNorm
+    torch.manual_seed(0)
+
+    def leaf(*shape, grad=True):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
+
+    x, w, nw, nb = leaf(2, 5, 4), leaf(6, 4), leaf(6), leaf(6)
+    b = leaf(6) if bias else None
+    assert torch.autograd.gradcheck(lambda *a: _LinearNorm.apply(*a[:3], 1e-5, *a[3:]), (x, w, b, nw, nb))
+    assert torch.autograd.gradcheck(lambda x, nb: _LinearNorm.apply(x, w.detach(), b, 1e-5, nw.detach(), nb),
+                                    (x, nb))
+    w1, w2 = leaf(7, 6), leaf(6, 7)
+    b1, b2 = (leaf(7), leaf(6)) if bias else (None, None)
+    for recompute in (True, False):
+        assert torch.autograd.gradcheck(lambda *a: _LeanMlp.apply(*a[:5], recompute, 1e-5, *a[5:]),
+                                        (leaf(2, 5, 6), w1, b1, w2, b2, nw, nb))
+    assert torch.autograd.gradcheck(lambda x, w2: _LeanMlp.apply(x, w1.detach(), b1, w2, b2, True, 1e-5, nw, None),
+                                    (leaf(2, 5, 6), w2))
+
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 
 

@@ -106,9 +106,11 @@ def set_lean_backward(enabled: Optional[bool] = None) -> None:
     anyway (e.g. GRL's 32x32 windows and 64x64 stripes), and keeps P where it is not (8x8
     windows); the MLPs of the blocks recompute their hidden layer (one more product, measured
     within the noise of a GRL-T/S training step on CPU, ~0.1 of the fast path's training
+    peak), and the blocks' two post-norms their inputs (the output projection's and fc2's
+    outputs: two more products, 3 % of a model-YAML GRL-B training step on CPU, ~0.1 of the
     peak). ``True``: always recompute P and keep no attention output either (least memory);
-    ``False``: keep P and the MLP hidden layers (fastest backward, most memory). The MLP part
-    applies on any device.
+    ``False``: keep P, the MLP hidden layers and the post-norm inputs (fastest backward, most
+    memory). The MLP and post-norm parts apply on any device.
     """
     _SAVE_PROBS[0] = None if enabled is None else not enabled
 
@@ -119,7 +121,8 @@ def least_memory_backward() -> bool:
 
 
 def keep_mlp_hidden() -> bool:
-    """Whether the block MLPs keep their hidden layer for the backward (``set_lean_backward(False)``)."""
+    """Whether the block MLPs keep their hidden layer and the post-norms their input for the
+    backward (``set_lean_backward(False)``)."""
     return _SAVE_PROBS[0] is True
 
 

@@ -74,29 +74,89 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-class _LeanMlp(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) for autograd, keeping less than autograd would (x, fc1's output h
-    and gelu(h)): x and h, the backward recomputing gelu(h) (one elementwise pass), or with
-    ``recompute_hidden`` x only, the backward recomputing h too (one more product)."""
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _norm_args(norm: Optional[nn.Module]):
+    """(eps, weight, bias) of a LayerNorm over the last dim that a lean function can apply
+    itself, else ``None`` (no norm, or one the caller applies as a module)."""
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+        return norm.eps, norm.weight, norm.bias
+    return None
+
+
+def _norm_forward(y: torch.Tensor, norm):
+    """LayerNorm of ``y`` (``norm`` from :func:`_norm_args`) and the mean and 1/std it keeps."""
+    eps, weight, bias = norm
+    return torch.native_layer_norm(y, (y.shape[-1],), weight, bias, eps)
+
+
+def _norm_backward(d_out, y, mean, rstd, weight, bias, need_weight, need_bias):
+    """Gradients (input, weight, bias) of :func:`_norm_forward` (``None`` where not asked for)."""
+    return torch.ops.aten.native_layer_norm_backward(
+        d_out, y, [y.shape[-1]], mean, rstd, weight, bias,
+        [True, need_weight and weight is not None, need_bias and bias is not None])
+
+
+class _LinearNorm(torch.autograd.Function):
+    """``layer_norm(linear(x, w, b))`` (the attention's output projection and the block's
+    post-norm) keeping for the backward what the product's backward needs anyway (x) and the
+    norm's row statistics, not the product's output that the norm would keep: the backward
+    recomputes it (one more product)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, recompute_hidden=False):
-        h = linear(x, w1, b1)
-        ctx.save_for_backward(x, None if recompute_hidden else h, w1, b1, w2)
-        ctx.has_b2 = b2 is not None
-        return linear(F.gelu(h), w2, b2)
+    def forward(ctx, x, w, b, eps, norm_weight, norm_bias):
+        out, mean, rstd = _norm_forward(linear(x, w, b), (eps, norm_weight, norm_bias))
+        ctx.save_for_backward(x, w, b, norm_weight, norm_bias, mean, rstd)
+        return out
 
     @staticmethod
     def backward(ctx, d_out):
-        x, h, w1, b1, w2 = ctx.saved_tensors
+        x, w, b, nw, nb, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b, _, need_nw, need_nb = ctx.needs_input_grad
+        d_y, d_nw, d_nb = _norm_backward(d_out, linear(x, w, b), mean, rstd, nw, nb, need_nw, need_nb)
+        d_x, d_w, d_b = linear_backward(d_y, x, w, need_x, need_w, need_b and b is not None)
+        return d_x, d_w, d_b, None, d_nw, d_nb
+
+
+class _LeanMlp(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) for autograd, keeping less than autograd would (x, fc1's output h
+    and gelu(h)): x and h, the backward recomputing gelu(h) (one elementwise pass), or with
+    ``recompute_hidden`` x only, the backward recomputing h too (one more product). With
+    ``norm_eps`` (not ``None``), the block's post-norm follows fc2 inside: the norm's input
+    (fc2's output) is not kept either but recomputed (one more product)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, recompute_hidden=False, norm_eps=None, norm_weight=None,
+                norm_bias=None):
+        h = linear(x, w1, b1)
+        out = linear(F.gelu(h), w2, b2)
+        mean = rstd = None
+        if norm_eps is not None:
+            out, mean, rstd = _norm_forward(out, (norm_eps, norm_weight, norm_bias))
+        ctx.save_for_backward(x, None if recompute_hidden else h, w1, b1, w2, b2, norm_weight,
+                              norm_bias, mean, rstd)
+        ctx.norm = norm_eps is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, h, w1, b1, w2, b2, nw, nb, mean, rstd = ctx.saved_tensors
         if h is None:
             h = linear(x, w1, b1)
-        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        d_g, d_w2, d_b2 = linear_backward(d_out, F.gelu(h), w2, True, need_w2, need_b2 and ctx.has_b2)
+        needs = ctx.needs_input_grad + (False,) * (9 - len(ctx.needs_input_grad))  # (norm args left out)
+        need_x, need_w1, need_b1, need_w2, need_b2, _, _, need_nw, need_nb = needs
+        g = F.gelu(h)
+        d_nw = d_nb = None
+        if ctx.norm:
+            d_out, d_nw, d_nb = _norm_backward(d_out, linear(g, w2, b2), mean, rstd, nw, nb, need_nw, need_nb)
+        d_g, d_w2, d_b2 = linear_backward(d_out, g, w2, True, need_w2, need_b2 and b2 is not None)
+        del g
         d_h = torch.ops.aten.gelu_backward(d_g, h)
         del h, d_g
         d_x, d_w1, d_b1 = linear_backward(d_h, x, w1, need_x, need_w1, need_b1 and b1 is not None)
-        return d_x, d_w1, d_b1, d_w2, d_b2, None
+        return d_x, d_w1, d_b1, d_w2, d_b2, None, None, d_nw, d_nb
 
 
 class Mlp(nn.Module):
@@ -105,7 +165,8 @@ class Mlp(nn.Module):
     ``lean`` (default, the fast path): the products go through :func:`.linear.linear`, and in
     training without dropout or autocast :class:`_LeanMlp` keeps only the input for the
     backward (recomputing fc1 and the GELU there), or under ``set_lean_backward(False)`` the
-    input and fc1's output (recomputing the GELU); same outputs and gradients. Stored as
+    input and fc1's output (recomputing the GELU); same outputs and gradients. ``forward(x,
+    norm)`` applies a block's post-norm after fc2, there recomputing the norm's input too. Stored as
     ``attn_impl`` (``"reference"`` when not lean), the attribute ``GRL.set_attn_impl`` switches
     on every module: the reference path of :class:`GRLBlock` turns it off.
     """
@@ -123,16 +184,23 @@ class Mlp(nn.Module):
     def lean(self) -> bool:
         return self.attn_impl != "reference"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """``mlp(x)``, or ``norm(mlp(x))`` (a block's post-norm: on the lean path in training,
+        the norm's input is recomputed in the backward instead of kept, unless
+        ``set_lean_backward(False)``)."""
         if not self.lean:
-            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-        if (torch.is_grad_enabled() and (self.drop1.p == 0 or not self.training)
-                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
-            return _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                  not keep_mlp_hidden())
+            y = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+            return y if norm is None else norm(y)
+        if (torch.is_grad_enabled() and (self.drop1.p == 0 and self.drop2.p == 0 or not self.training)
+                and not torch.is_autocast_enabled(x.device.type) and not _tracing()):
+            keep = keep_mlp_hidden()
+            fused = None if keep else _norm_args(norm)
+            y = _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, not keep,
+                               *((None, None, None) if fused is None else fused))
+            return y if norm is None or fused is not None else norm(y)
         h = self.drop1(linear_gelu(x, self.fc1.weight, self.fc1.bias))
-        return self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
+        y = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
+        return y if norm is None else norm(y)
 
 
 class PixelLinear(nn.Linear):
@@ -244,7 +312,10 @@ class MixedAttention(nn.Module):
                             self.anchor_window_down_factor, x_size, device)
 
     def forward(self, x: torch.Tensor, x_size: Tuple[int, int],
-                geom: Optional[GRLGeometry] = None) -> torch.Tensor:
+                geom: Optional[GRLGeometry] = None, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """The attention output ``proj(...)``, or ``norm(proj(...))`` (a block's post-norm:
+        on the fast path in training, the norm's input is recomputed in the backward instead
+        of kept, unless ``set_lean_backward(False)``)."""
         if geom is None:
             geom = self.geometry(x_size, x.device)
         stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
@@ -255,18 +326,23 @@ class MixedAttention(nn.Module):
             anchor = self.anchor(x, x_size)
             y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
                            self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom)], dim=-1)
-            return self.proj_drop(self.proj(y))
+            y = self.proj_drop(self.proj(y))
+            return y if norm is None else norm(y)
         qkv_window, qkv_stripe = self.qkv.halves(x)
         anchor = self.anchor(x, x_size)
-        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch.onnx.is_in_onnx_export()):  # (tracing: writes into views do not export)
+        if torch.is_grad_enabled() or _tracing():  # (tracing: writes into views do not export)
             y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
                            self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom)], dim=-1)
         else:  # both halves written in place into one buffer (no concatenation copy)
             y = qkv_window.new_empty(x.shape)  # (autocast: the projections' dtype)
             self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
             self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
-        return self.proj_drop(linear(y, self.proj.weight, self.proj.bias))
+        fused = _norm_args(norm)
+        if (fused is not None and torch.is_grad_enabled() and (self.proj_drop.p == 0 or not self.training)
+                and not keep_mlp_hidden() and not torch.is_autocast_enabled(x.device.type) and not _tracing()):
+            return _LinearNorm.apply(y, self.proj.weight, self.proj.bias, *fused)
+        y = self.proj_drop(linear(y, self.proj.weight, self.proj.bias))
+        return y if norm is None else norm(y)
 
 
 class _MapOrTokens(nn.Module):
@@ -343,10 +419,10 @@ class GRLBlock(_MapOrTokens):
 
     def forward_tokens(self, x: torch.Tensor, x_size: Tuple[int, int],
                        geom: Optional[GRLGeometry] = None) -> torch.Tensor:
-        y = self._residual(x, self.norm1(self.attn(x, x_size, geom)))
+        y = self._residual(x, self.attn(x, x_size, geom, norm=self.norm1))
         if self.conv is not None:
             y = y + self.conv(x, x_size, channels_last=self.fast)
-        return self._residual(y, self.norm2(self.mlp(y)))
+        return self._residual(y, self.mlp(y, norm=self.norm2))
 
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """``x + res_scale * drop_path(branch)`` as one scaled add (no pass for the scale)."""
