@@ -7,7 +7,7 @@ Option keys on top of SRModel's (all optional)::
       grad_clip: 0.5          # clip the global gradient norm (null: off)
       activation_checkpointing: true   # recompute GRL blocks in backward (less memory)
       lean_backward: null     # true: least memory without checkpointing (all attention probabilities
-                              # recomputed); false: fastest (MLP hidden layers kept); null: automatic
+                              # recomputed); false: fastest (MLP hidden layers, post-norm inputs kept); null: automatic
       compile: false          # torch.compile the network (or a dict of torch.compile kwargs)
       nan_tolerance: 5        # stop after this many iterations in a row with a NaN/Inf loss (null: never)
     val:
@@ -89,7 +89,8 @@ def _lean_backward(value):
     if value is None or isinstance(value, bool):
         return value
     raise ValueError(f"train.lean_backward must be true (least memory: recompute all attention probabilities), "
-                     f"false (keep them and the MLP hidden layers: fastest) or null (automatic), got {value!r}")
+                     f"false (keep them, the MLP hidden layers and the post-norm inputs: fastest) or null (automatic), "
+                     f"got {value!r}")
 
 
 def _nan_tolerance(value):
