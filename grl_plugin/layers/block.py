@@ -78,6 +78,14 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
+def _lean_autograd(x: torch.Tensor, module: nn.Module, *dropouts: nn.Dropout) -> bool:
+    """Whether a hand-written autograd function (:class:`_LeanMlp`, :class:`_LinearNorm`) may
+    stand in for ``module``'s plain layers: a forward that records gradients, with its
+    ``dropouts`` inactive, outside autocast and tracing (which see the plain layers)."""
+    return (torch.is_grad_enabled() and (not module.training or all(d.p == 0 for d in dropouts))
+            and not torch.is_autocast_enabled(x.device.type) and not _tracing())
+
+
 def _norm_args(norm: Optional[nn.Module]):
     """(eps, weight, bias) of a LayerNorm over the last dim that a lean function can apply
     itself, else ``None`` (no norm, or one the caller applies as a module)."""
@@ -191,8 +199,7 @@ class Mlp(nn.Module):
         if not self.lean:
             y = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
             return y if norm is None else norm(y)
-        if (torch.is_grad_enabled() and (self.drop1.p == 0 and self.drop2.p == 0 or not self.training)
-                and not torch.is_autocast_enabled(x.device.type) and not _tracing()):
+        if _lean_autograd(x, self, self.drop1, self.drop2):
             keep = keep_mlp_hidden()
             fused = None if keep else _norm_args(norm)
             y = _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, not keep,
@@ -338,8 +345,7 @@ class MixedAttention(nn.Module):
             self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
             self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
         fused = _norm_args(norm)
-        if (fused is not None and torch.is_grad_enabled() and (self.proj_drop.p == 0 or not self.training)
-                and not keep_mlp_hidden() and not torch.is_autocast_enabled(x.device.type) and not _tracing()):
+        if fused is not None and not keep_mlp_hidden() and _lean_autograd(x, self, self.proj_drop):
             return _LinearNorm.apply(y, self.proj.weight, self.proj.bias, *fused)
         y = self.proj_drop(linear(y, self.proj.weight, self.proj.bias))
         return y if norm is None else norm(y)
