@@ -718,8 +718,8 @@ def test_linear_norm_and_mlp_norm_gradcheck(bias):
     from grl_plugin.layers.block import _LeanMlp, _LinearNorm
     torch.manual_seed(0)
 
-    def leaf(*shape, grad=True):
-        return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
     x, w, nw, nb = leaf(2, 5, 4), leaf(6, 4), leaf(6), leaf(6)
     b = leaf(6) if bias else None
@@ -733,6 +733,7 @@ def test_linear_norm_and_mlp_norm_gradcheck(bias):
                                         (leaf(2, 5, 6), w1, b1, w2, b2, nw, nb))
     assert torch.autograd.gradcheck(lambda x, w2: _LeanMlp.apply(x, w1.detach(), b1, w2, b2, True, 1e-5, nw, None),
                                     (leaf(2, 5, 6), w2))
+
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 

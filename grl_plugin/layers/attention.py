@@ -107,7 +107,7 @@ def set_lean_backward(enabled: Optional[bool] = None) -> None:
     windows); the MLPs of the blocks recompute their hidden layer (one more product, measured
     within the noise of a GRL-T/S training step on CPU, ~0.1 of the fast path's training
     peak), and the blocks' two post-norms their inputs (the output projection's and fc2's
-    outputs: two more products, 3-10 % of a model-YAML training step on CPU, ~0.1 of the
+    outputs: two more products, 3-11 % of a model-YAML training step on CPU, ~0.1 of the
     peak). ``True``: always recompute P and keep no attention output either (least memory);
     ``False``: keep P, the MLP hidden layers and the post-norm inputs (fastest backward, most
     memory). The MLP and post-norm parts apply on any device.

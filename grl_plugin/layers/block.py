@@ -145,7 +145,6 @@ class _LeanMlp(torch.autograd.Function):
             out, mean, rstd = _norm_forward(out, (norm_eps, norm_weight, norm_bias))
         ctx.save_for_backward(x, None if recompute_hidden else h, w1, b1, w2, b2, norm_weight,
                               norm_bias, mean, rstd)
-        ctx.norm = norm_eps is not None
         return out
 
     @staticmethod
@@ -157,7 +156,7 @@ class _LeanMlp(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2, _, _, need_nw, need_nb = needs
         g = F.gelu(h)
         d_nw = d_nb = None
-        if ctx.norm:
+        if mean is not None:  # the post-norm inside
             d_out, d_nw, d_nb = _norm_backward(d_out, linear(g, w2, b2), mean, rstd, nw, nb, need_nw, need_nb)
         d_g, d_w2, d_b2 = linear_backward(d_out, g, w2, True, need_w2, need_b2 and b2 is not None)
         del g
