@@ -628,6 +628,71 @@ def test_two_step_bias_gather_equals_plain_gather(monkeypatch):
     assert gather_plan(relative_index((2, 2), 1, True, cpu), 3) is None  # runs of 2
 
 
+def test_reversed_keys_plan_is_the_index_as_strides():
+    """With the keys in reverse order, GRL's window and stripe indices (SR and model-YAML
+    geometries, both stripe directions, non-square windows) are the table seen through strides
+    (width, 1, width, 1) over (qy, qx, ky, kx): the plan's view of the cell numbers equals
+    ``index.flip(-1)`` cell by cell, its view of table values the gathered bias with the keys
+    reversed; an index of no such form gets no plan."""
+    from grl_plugin.layers.geometry import coords_table, relative_index, reversed_keys_plan
+    cpu = torch.device("cpu")
+    cases = [((32, 32), 1, True), ((64, 64), 4, True), ((64, 64), 4, False), ((64, 32), 4, True),
+             ((8, 8), 1, True), ((8, 16), 4, False), ((12, 24), 4, True)]
+    for window, df, w2a in cases:
+        index, table = relative_index(window, df, w2a, cpu), coords_table(window, df, cpu)
+        cells = table.shape[1] * table.shape[2]
+        plan = reversed_keys_plan(index, table.shape[2])
+        anchors = (window[0] // df, window[1] // df)
+        assert plan[1] == (window + anchors if w2a else anchors + window)
+        assert torch.equal(plan[3], index.flip(-1))
+        numbers = attention_mod._strided_bias(torch.arange(cells)[None], plan)
+        assert torch.equal(numbers.reshape(index.shape), index.flip(-1))
+        values = torch.randn(3, cells)
+        assert torch.equal(attention_mod._strided_bias(values, plan).reshape(3, *index.shape),
+                           attention_mod._gather_bias(values, index).flip(-1))
+    index = relative_index((8, 8), 1, True, cpu)
+    assert reversed_keys_plan(index[torch.randperm(64)], 15) is None  # queries out of order
+    assert reversed_keys_plan(index, 16) is None  # not this table's width
+
+
+@pytest.mark.parametrize("save_probs", [False, True, None])
+@pytest.mark.parametrize("masked", [False, True])
+def test_lean_attention_with_reversed_keys_matches_reference(save_probs, masked, monkeypatch):
+    """Where the index has the strided form (forced here for 8x8 windows and a stripe-to-anchor
+    index, which are below the size it is used from), the CPU training path takes the keys in
+    reverse order: gradients of q, k, v and the bias MLP equal the reference's in every
+    backward mode (row blocks of whole query rows forced), with a shifted-window mask, and the
+    (heads, N1, N2) bias is not kept for the backward (without the plan it is)."""
+    from grl_plugin.layers.geometry import coords_table, relative_index, window_mask
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", 1)
+    torch.manual_seed(3)
+    for window, df, w2a in [((8, 8), 1, True), ((16, 8), 4, True)]:
+        t = AffineTransform(2)
+        index, table = relative_index(window, df, w2a, cpu), coords_table(window, df, cpu)
+        n1, n2 = index.shape
+        mask = window_mask((16, 16), 8, 4, cpu) if masked and n1 == n2 else None
+        n_w = 4 if mask is not None else 1
+        q, k, v = (torch.randn(2 * n_w, 2, n, 4, requires_grad=True) for n in (n1, n2, n2))
+        leaves = [q, k, v] + list(t.parameters())
+        grads, kept = [], []
+        for minimum in (1, 1 << 30):  # the plan's size threshold: taken, not taken
+            monkeypatch.setattr(attention_mod, "_TWO_STEP_GATHER_MIN", minimum)
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x,
+                                                          lambda x: x):
+                out = cosine_attention(q, k, v, t, table, index, mask)
+            kept.append((2, n1, n2) in saved)
+            grads.append(torch.autograd.grad((out * out.detach().cos()).sum(), leaves))
+        assert kept == [False, True]
+        ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
+        want = torch.autograd.grad((ref * ref.detach().cos()).sum(), leaves)
+        for got in grads:
+            for a, b in zip(got, want):
+                assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))
+
+
 @pytest.mark.parametrize("mode", [None, True, False])
 def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
     """The lean MLP (training path) gives the plain MLP's output and gradients (input, both

@@ -296,10 +296,12 @@ def test_yaml_non_square_raises_like_official():
         print(f"GRL under test raised like the oracle: {type(e).__name__}")
 
 
-@pytest.mark.parametrize("kind", ["exp", "yaml"])
+@pytest.mark.parametrize("kind", ["exp", "yaml", "sr"])
 def test_train_mode_equivalence_and_grads(kind):
     if kind == "exp":
         kw, size = exp_style(drop_path_rate=0.0, anchor_window_down_factor=2), (37, 50)
+    elif kind == "sr":  # the released SR geometry (32x32 windows, shifted; 64x64 stripes), narrow
+        kw, size = exp_style(drop_path_rate=0.0, embed_dim=16, window_size=32, stripe_size=[64, 64]), (64, 64)
     else:
         kw, size = yaml_style(drop_path_rate=0.0, embed_dim=16), (32, 32)
     ref, new = build_pair(kw, 3)

@@ -57,7 +57,10 @@ _CPU_FUSED_MIN_KEYS = 65
 # instead of a materialised bias + mask (measured, CPU: GRL-B at the SR geometry 0.92x the eval
 # time; at 8x8 windows writing bias + mask is cheap and the wider head dim costs more)
 _MASK_COLUMNS_MIN_PAIRS = 1 << 16
-# Position-bias gathers of this many entries and more go in two steps (see _gather_bias)
+# Position-bias gathers of this many entries and more go in two steps (see _gather_bias), and
+# the CPU training path takes such indices as strides over the table, keys reversed
+# (_reversed_keys: a (heads, N1, N2) bias less kept per attention, e.g. 24 MiB per GRL block at
+# the SR settings; below this size the bias is small and the flips cost more than they save)
 _TWO_STEP_GATHER_MIN = 1 << 16
 # Rows of the (B*nW, heads, rows, N2) logits the CPU backward handles at a time: blocks of
 # about 8 MiB, so that the passes over one block (product, bias, exp, dS, the three products
@@ -382,6 +385,25 @@ class _CpbMlp(torch.autograd.Function):
         return None, d_w1, d_b1 if need_b1 else None, d_w2, None
 
 
+def _reversed_keys(index: torch.Tensor, width: Optional[int]):
+    """:func:`~.geometry.reversed_keys_plan` for indices of ``_TWO_STEP_GATHER_MIN`` entries and
+    more into a table of ``width`` columns; ``None`` for smaller ones, under tracing or compile,
+    or where the index has no strided form."""
+    if (not width or index.numel() < _TWO_STEP_GATHER_MIN or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):
+        return None
+    from .geometry import reversed_keys_plan
+    return reversed_keys_plan(index, width)
+
+
+def _strided_bias(values: torch.Tensor, plan) -> torch.Tensor:
+    """The (heads, T) table values as the (heads, Qy, Qx, Ky, Kx) bias of keys in reverse order
+    (a view, no copy; ``plan`` from :func:`_reversed_keys`)."""
+    offset, sizes, strides = plan[:3]
+    return values.as_strided((values.shape[0],) + sizes, (values.stride(0),) + strides,
+                             values.storage_offset() + offset)
+
+
 def _gather_bias(values: torch.Tensor, index: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
     """(heads, T) table values gathered by an (N1, N2) index -> (heads, N1, N2).
 
@@ -468,18 +490,21 @@ def _logit_operands(q, k, mask, lse=None):
 
 def _logits_block(qx, kx_t, bias, mask, lse, rows: slice = slice(None)):
     """Rows ``rows`` of q k^T + bias (+ mask) (- lse) from :func:`_logit_operands`, one new
-    (B*nW, heads, rows, N2) tensor; the bias is added in place."""
+    (B*nW, heads, rows, N2) tensor; the bias is added in place. ``bias`` is (heads, N1, N2),
+    bias + mask (nW, heads, N1, N2), or the table seen as (heads, Qy, Qx, Ky, Kx) for keys in
+    reverse order (:func:`_strided_bias`; ``rows`` then whole query rows of Qx)."""
     s = torch.matmul(qx[:, :, rows], kx_t)
     if lse is not None:
         s.sub_(lse[:, :, rows].unsqueeze(-1))
-    bias = bias[..., rows, :]  # bias (heads, N1, N2), or bias + mask (nW, heads, N1, N2)
-    if mask is None:
-        s.view(-1, *bias.shape).add_(bias)
+    if bias.dim() == 5:
+        width = bias.shape[2]
+        start, stop, _ = rows.indices(bias.shape[1] * width)
+        bias = bias[:, start // width:-(-stop // width)]
     else:
-        mask = mask[:, rows]
-        sv = s.view(-1, mask.shape[0], *bias.shape[-3:])
-        sv.add_(bias)
-        sv.add_(mask.unsqueeze(1).to(s.dtype))
+        bias = bias[..., rows, :]
+    s.view(-1, *bias.shape).add_(bias)
+    if mask is not None:
+        s.view(-1, mask.shape[0], *s.shape[1:]).add_(mask[:, rows].unsqueeze(1).to(s.dtype))
     return s
 
 
@@ -490,12 +515,12 @@ def _logits_(q, k, bias, mask, lse=None):
     return _logits_block(qx, kx_t, bias, mask, lse)
 
 
-def _block_rows(row_bytes: int, rows: int) -> int:
+def _block_rows(row_bytes: int, rows: int, multiple: int = 16) -> int:
     """Rows per block of the backward (:data:`_BACKWARD_BLOCK_BYTES`), all of them when
-    the whole fits, else a multiple of 16."""
+    the whole fits, else a multiple of ``multiple`` (16, or a multiple of it)."""
     if row_bytes * rows <= _BACKWARD_BLOCK_BYTES * 3 // 2:
         return rows
-    return max(16, _BACKWARD_BLOCK_BYTES // row_bytes // 16 * 16)
+    return max(multiple, _BACKWARD_BLOCK_BYTES // row_bytes // multiple * multiple)
 
 
 # Probabilities below 1e-20 (13 orders of magnitude under float32 resolution relative to a
@@ -537,11 +562,27 @@ class _LeanAttention(torch.autograd.Function):
     q's, which it does not take) the forward computes P explicitly and keeps it instead of
     the output and the log-sum-exp (faster backward; the row term is then rowsum(P * dP), as
     also under ``set_lean_backward(True)``, which keeps neither P nor the output).
+
+    Where the index is GRL's relative index of a large window or stripe (:func:`_reversed_keys`),
+    the keys (and values) are taken in reverse order: then the bias is the (heads, T) table seen
+    through strides, (heads, Qy, Qx, Ky, Kx), so the forward copies it for the fused kernel
+    instead of gathering it, and the backward keeps the table instead of the gathered bias and
+    adds it to the logits through the same strides (row blocks of whole query rows). The
+    attention itself does not depend on the order of its keys; dK and dV are flipped back.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, values, index, mask, save_probs, width=None):
-        bias = _gather_bias(values, index, width)
+        plan = _reversed_keys(index, width) if values.is_contiguous() else None
+        ctx.plan = plan
+        if plan is None:
+            bias = _gather_bias(values, index, width)
+        else:  # keys in reverse order: the bias is the table seen through strides, no gather
+            k, v, index = k.flip(-2), v.flip(-2), plan[3]
+            if mask is not None:
+                from .geometry import flip_keys
+                mask = flip_keys(mask)
+            bias = _strided_bias(values, plan).reshape(values.shape[0], *index.shape)
         p = lse = None
         # the fused kernel (absent from older torch) needs one head dim for q, k and v
         save_probs = save_probs or _FLASH_CPU is None or q.shape[-1] != v.shape[-1]
@@ -554,13 +595,18 @@ class _LeanAttention(torch.autograd.Function):
         # with P kept, or for the least memory, the backward takes the row term from P * dP
         # and the output is not kept
         keep_out = p is None and not least_memory_backward()
-        ctx.save_for_backward(q, k, v, bias, index, mask, out if keep_out else None, p, lse)
+        # with a plan, the backward sees the bias through strides again: the table is kept, not the bias
+        ctx.save_for_backward(q, k, v, bias if plan is None else values, index, mask,
+                              out if keep_out else None, p, lse)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, bias, index, mask, out, p, lse = ctx.saved_tensors
         need_q, need_k, need_v, need_values = ctx.needs_input_grad[:4]
+        plan = ctx.plan
+        if plan is not None:  # bias: (heads, Qy, Qx, Ky, Kx), blocks of whole query rows (Qx)
+            bias = _strided_bias(bias, plan)
         d_out = d_out.contiguous()
         n, heads, n1, n2 = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         if p is None:
@@ -574,13 +620,14 @@ class _LeanAttention(torch.autograd.Function):
             v_t = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1).transpose(-2, -1).contiguous()
         else:  # P * dP, then minus P * its row sums
             do_x, v_t = d_out, v.transpose(-2, -1).contiguous()
-        step = _block_rows(n * heads * n2 * q.element_size(), n1)
+        step = _block_rows(n * heads * n2 * q.element_size(), n1,
+                           16 if plan is None else math.lcm(16, plan[1][1]))
         # dV and dK are accumulated transposed, dV^T += dO^T P and dK^T += q^T dS: the same sums,
         # 1.2-2.4x faster than P^T dO and dS^T q (whose first operand is a transposed view)
         d_q = d_k_t = d_v_t = d_bias = None
         if step < n1:  # blocks write into whole gradients; one block's products are them
             d_q = torch.empty_like(q) if need_q else None
-            d_bias = bias.new_empty(heads, n1, n2) if need_values else None
+            d_bias = q.new_empty(heads, n1, n2) if need_values else None
         for start in range(0, n1, step):
             rows = slice(start, start + step)
             pb = p[:, :, rows] if p is not None else _probs_(_logits_block(qx, kx_t, bias, mask, lse, rows))
@@ -605,6 +652,9 @@ class _LeanAttention(torch.autograd.Function):
             del ds
         d_k = None if d_k_t is None else d_k_t.transpose(-2, -1)
         d_v = None if d_v_t is None else d_v_t.transpose(-2, -1)
+        if plan is not None:  # back to the keys' own order
+            d_k = None if d_k is None else d_k.flip(-2)
+            d_v = None if d_v is None else d_v.flip(-2)
         d_values = None
         if need_values:
             d_values = d_bias.new_zeros(heads, ctx.n_values).index_add_(1, index.reshape(-1), d_bias.view(heads, -1))

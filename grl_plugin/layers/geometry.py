@@ -155,6 +155,57 @@ def gather_plan(index: torch.Tensor, table_width: int):
 
 
 @lru_cache(maxsize=64)
+def _reversed_keys_plan(index: torch.Tensor, table_width: int):
+    with torch.inference_mode(False):
+        n1, n2 = index.shape
+        rev = index.flip(-1)
+        if n1 < 2 or n2 < 2:
+            return None
+        base = int(rev[0, 0])
+
+        def run(line):  # leading entries rising by one: the grid's width along that axis
+            steps = (line[1:] - line[:-1]) == 1
+            return int(steps.long().cumprod(0).sum()) + 1
+
+        kx, qx = run(rev[0]), run(rev[:, 0])
+        if n2 % kx or n1 % qx:
+            return None
+        sizes = (n1 // qx, qx, n2 // kx, kx)
+        strides = (table_width, 1, table_width, 1)
+        span = base + sum((n - 1) * s for n, s in zip(sizes, strides))
+        if int(index.min()) < 0 or span > int(index.max()):
+            return None
+        cells = torch.arange(span + 1, device=index.device)
+        if not torch.equal(cells.as_strided(sizes, strides, base).reshape(n1, n2), rev):
+            return None
+        return base, sizes, strides, rev.contiguous()
+
+
+@torch.compiler.disable
+def reversed_keys_plan(index: torch.Tensor, table_width: int):
+    """How a relative-position index becomes a strided view of the table once the keys are
+    taken in reverse order, or None.
+
+    GRL's indices are ``(qy - ky + c0) * table_width + (qx - kx + c1)`` (or with the signs
+    swapped): with the key order reversed (``index.flip(-1)``) both query and key coordinates
+    count upwards, so ``values[:, index.flip(-1)]`` is the table itself seen through strides
+    ``(table_width, 1, table_width, 1)`` over (qy, qx, ky, kx) from one offset -- a copy of
+    contiguous runs instead of a gather (a key-order reversal of attention changes nothing but
+    the order of the softmax sums). Returns ``(offset, sizes, strides, reversed_index)``, or
+    ``None`` where the index has no such form (checked exactly on construction). Cached per
+    index tensor.
+    """
+    return _reversed_keys_plan(index, int(table_width))
+
+
+@lru_cache(maxsize=64)
+def flip_keys(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.flip(-1)`` (a region mask for keys in reverse order), cached per mask tensor."""
+    with torch.inference_mode(False):
+        return mask.flip(-1).contiguous()
+
+
+@lru_cache(maxsize=64)
 def _grid_shape(table: torch.Tensor) -> Optional[Tuple[int, int]]:
     g = table[0]
     if (torch.equal(g[..., 0], g[:, :1, 0].expand_as(g[..., 0]))
@@ -359,6 +410,7 @@ def grl_geometry(window_size: int, stripe_size: Sequence[Optional[int]],
 
 def clear_cache() -> None:
     """Drop every cached table, index and mask (e.g. to free device memory)."""
-    for fn in (coords_table, relative_index, partition_order, _gather_plan, _grid_shape, window_mask, stripe_masks,
+    for fn in (coords_table, relative_index, partition_order, _gather_plan, _reversed_keys_plan, flip_keys,
+               _grid_shape, window_mask, stripe_masks,
                _mask_split, _mask_factors, _grl_geometry):
         fn.cache_clear()
