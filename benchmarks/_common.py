@@ -41,6 +41,17 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux ``clear_refs``), so
+    that a training step's peak is read on its own and not hidden under a larger eval forward's
+    (e.g. one that filled the fast path's position-bias cache). False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def run_memory_child(script: str, args) -> dict:
     """Run ``script --_memory-child ARGS...`` with :data:`MEMORY_MALLOC_ENV`; its last stdout
     line is a JSON dict (NaN values and the error tail if it failed, e.g. out of memory)."""

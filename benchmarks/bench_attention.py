@@ -27,6 +27,7 @@ the script with them unless ``--no-malloc-env`` is given; the memory subprocesse
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import maxrss_mib, reexec_for_timing, run_memory_child  # noqa: E402
+from _common import maxrss_mib, reexec_for_timing, reset_peak_rss, run_memory_child  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("official", "reference", "fast")
@@ -130,7 +131,12 @@ def memory_child(config: str, size: int, impl: str) -> dict:
     base = maxrss_mib()
     out = _fwd(torch, model, x)
     fwd = maxrss_mib()
-    _train_step(torch, model, x, torch.rand_like(out), lean=LEAN.get(impl))
+    target = torch.rand_like(out)
+    del out
+    model.train()  # drops eval-time caches before the training step's own peak is read
+    gc.collect()
+    reset_peak_rss()
+    _train_step(torch, model, x, target, lean=LEAN.get(impl))
     train = maxrss_mib()
     # growth of the peak RSS over the RSS after building the model (imports + weights)
     return {"base": base, "fwd": fwd - base, "train": train - base}

@@ -39,6 +39,7 @@ the script with them unless ``--no-malloc-env`` is given; the memory subprocesse
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import maxrss_mib, reexec_for_timing, run_memory_child  # noqa: E402
+from _common import maxrss_mib, reexec_for_timing, reset_peak_rss, run_memory_child  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "T", "small": "S", "base": "B"}
@@ -237,7 +238,12 @@ def memory_child(job: dict) -> dict:
     base = maxrss_mib()
     out = _fwd(torch, model, x)
     fwd = maxrss_mib()
-    _train_step(torch, model, x, torch.rand_like(out))
+    target = torch.rand_like(out)
+    del out
+    model.train()  # drops eval-time caches before the training step's own peak is read
+    gc.collect()
+    reset_peak_rss()
+    _train_step(torch, model, x, target)
     train = maxrss_mib()
     return {"base": base, "fwd": fwd - base, "train": train - base}
 
