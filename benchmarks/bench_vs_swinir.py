@@ -24,7 +24,7 @@ median, also as a percentage of the measured mm rate and of the better of that a
 product's rate through oneDNN (``% of best``; on CPUs where MKL's sgemm is slow, oneDNN's
 rate is the machine's). Peak memory: growth of the peak RSS
 (``VmHWM``) of a fresh subprocess per (model, size, network) over its RSS after imports + build,
-after one eval forward and after one training step.
+during one eval forward and during one training step (its own peak: reset after the forward).
 
 Usage::
 

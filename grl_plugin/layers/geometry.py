@@ -198,9 +198,10 @@ def reversed_keys_plan(index: torch.Tensor, table_width: int):
     return _reversed_keys_plan(index, int(table_width))
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=32)
 def flip_keys(mask: torch.Tensor) -> torch.Tensor:
-    """``mask.flip(-1)`` (a region mask for keys in reverse order), cached per mask tensor."""
+    """``mask.flip(-1)`` (a region mask for keys in reverse order), cached per mask tensor like
+    the masks themselves (so CPU training at large shifted windows holds each mask twice)."""
     with torch.inference_mode(False):
         return mask.flip(-1).contiguous()
 
