@@ -156,12 +156,11 @@ def gather_plan(index: torch.Tensor, table_width: int):
 
 @lru_cache(maxsize=64)
 def _reversed_keys_plan(index: torch.Tensor, table_width: int):
+    n1, n2 = index.shape
+    if n1 < 2 or n2 < 2 or int(index.min()) < 0:
+        return None
     with torch.inference_mode(False):
-        n1, n2 = index.shape
-        rev = index.flip(-1)
-        if n1 < 2 or n2 < 2:
-            return None
-        base = int(rev[0, 0])
+        rev = index.flip(-1).contiguous()
 
         def run(line):  # leading entries rising by one: the grid's width along that axis
             steps = (line[1:] - line[:-1]) == 1
@@ -170,15 +169,11 @@ def _reversed_keys_plan(index: torch.Tensor, table_width: int):
         kx, qx = run(rev[0]), run(rev[:, 0])
         if n2 % kx or n1 % qx:
             return None
-        sizes = (n1 // qx, qx, n2 // kx, kx)
-        strides = (table_width, 1, table_width, 1)
-        span = base + sum((n - 1) * s for n, s in zip(sizes, strides))
-        if int(index.min()) < 0 or span > int(index.max()):
-            return None
-        cells = torch.arange(span + 1, device=index.device)
+        base, sizes, strides = int(rev[0, 0]), (n1 // qx, qx, n2 // kx, kx), (table_width, 1, table_width, 1)
+        cells = torch.arange(base + sum((n - 1) * s for n, s in zip(sizes, strides)) + 1, device=index.device)
         if not torch.equal(cells.as_strided(sizes, strides, base).reshape(n1, n2), rev):
             return None
-        return base, sizes, strides, rev.contiguous()
+        return base, sizes, strides, rev
 
 
 @torch.compiler.disable
