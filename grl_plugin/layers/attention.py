@@ -557,7 +557,8 @@ class _LeanAttention(torch.autograd.Function):
     product that also writes the mask and -lse, see :func:`_logits_`, then the bias add, the
     floor and exp in place) and the logits' gradient dS = P * (dO v^T - rowsum(dO * O)) (one
     product, the row term again an extra column, times P in place); the bias gradient goes
-    back to the table cells with one ``index_add_``. Between forward and backward no per-window N1 x N2 tensor is kept.
+    back to the table cells by one ``index_add_`` per block of rows (no (heads, N1, N2)
+    gradient formed). Between forward and backward no per-window N1 x N2 tensor is kept.
     With ``save_probs`` (or where the fused kernel is missing, or v's head dim differs from
     q's, which it does not take) the forward computes P explicitly and keeps it instead of
     the output and the log-sum-exp (faster backward; the row term is then rowsum(P * dP), as
@@ -624,10 +625,12 @@ class _LeanAttention(torch.autograd.Function):
                            16 if plan is None else math.lcm(16, plan[1][1]))
         # dV and dK are accumulated transposed, dV^T += dO^T P and dK^T += q^T dS: the same sums,
         # 1.2-2.4x faster than P^T dO and dS^T q (whose first operand is a transposed view)
-        d_q = d_k_t = d_v_t = d_bias = None
-        if step < n1:  # blocks write into whole gradients; one block's products are them
-            d_q = torch.empty_like(q) if need_q else None
-            d_bias = q.new_empty(heads, n1, n2) if need_values else None
+        d_q = d_k_t = d_v_t = None
+        if step < n1 and need_q:  # blocks write into the whole gradient; one block's product is it
+            d_q = torch.empty_like(q)
+        # the bias gradient goes back to the table cells block by block (summed over the windows;
+        # with one window, the block itself)
+        d_values = q.new_zeros(heads, ctx.n_values) if need_values else None
         for start in range(0, n1, step):
             rows = slice(start, start + step)
             pb = p[:, :, rows] if p is not None else _probs_(_logits_block(qx, kx_t, bias, mask, lse, rows))
@@ -645,19 +648,13 @@ class _LeanAttention(torch.autograd.Function):
                 else:
                     d_q = torch.matmul(ds, k)
             if need_values:
-                if step < n1:
-                    torch.sum(ds, 0, out=d_bias[:, rows])
-                else:
-                    d_bias = ds.sum(0)
+                d_values.index_add_(1, index[rows].reshape(-1), (ds[0] if n == 1 else ds.sum(0)).view(heads, -1))
             del ds
         d_k = None if d_k_t is None else d_k_t.transpose(-2, -1)
         d_v = None if d_v_t is None else d_v_t.transpose(-2, -1)
         if plan is not None:  # back to the keys' own order
             d_k = None if d_k is None else d_k.flip(-2)
             d_v = None if d_v is None else d_v.flip(-2)
-        d_values = None
-        if need_values:
-            d_values = d_bias.new_zeros(heads, ctx.n_values).index_add_(1, index.reshape(-1), d_bias.view(heads, -1))
         return d_q, d_k, d_v, d_values, None, None, None, None
 
 
