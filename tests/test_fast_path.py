@@ -618,7 +618,7 @@ def test_two_step_bias_gather_equals_plain_gather(monkeypatch):
         assert index.numel() % runs.numel() == 0 and index.numel() // runs.numel() >= 4
         values = torch.randn(3, table.shape[1] * width, requires_grad=True)
         plain = attention_mod._gather_bias(values, index)
-        monkeypatch.setattr(attention_mod, "_TWO_STEP_GATHER_MIN", 1)  # also the small indices
+        monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", 1)  # also the small indices
         two = attention_mod._gather_bias(values, index, width)
         assert torch.equal(two, plain)
         w = torch.randn_like(plain)
@@ -678,7 +678,7 @@ def test_lean_attention_with_reversed_keys_matches_reference(save_probs, masked,
         leaves = [q, k, v] + list(t.parameters())
         grads, kept = [], []
         for minimum in (1, 1 << 30):  # the plan's size threshold: taken, not taken
-            monkeypatch.setattr(attention_mod, "_TWO_STEP_GATHER_MIN", minimum)
+            monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", minimum)
             saved = []
             with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x,
                                                           lambda x: x):

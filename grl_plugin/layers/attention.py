@@ -57,11 +57,11 @@ _CPU_FUSED_MIN_KEYS = 65
 # instead of a materialised bias + mask (measured, CPU: GRL-B at the SR geometry 0.92x the eval
 # time; at 8x8 windows writing bias + mask is cheap and the wider head dim costs more)
 _MASK_COLUMNS_MIN_PAIRS = 1 << 16
-# Position-bias gathers of this many entries and more go in two steps (see _gather_bias), and
-# the CPU training path takes such indices as strides over the table, keys reversed
+# Relative indices of this many entries and more (_large_index) are gathered in two steps (see
+# _gather_bias), and the CPU training path takes them as strides over the table, keys reversed
 # (_reversed_keys: a (heads, N1, N2) bias less kept per attention, e.g. 24 MiB per GRL block at
 # the SR settings; below this size the bias is small and the flips cost more than they save)
-_TWO_STEP_GATHER_MIN = 1 << 16
+_LARGE_INDEX_MIN = 1 << 16
 # Rows of the (B*nW, heads, rows, N2) logits the CPU backward handles at a time: blocks of
 # about 8 MiB, so that the passes over one block (product, bias, exp, dS, the three products
 # reading it) find it in the cache instead of main memory. On the 2-core AMD EPYC VM of the
@@ -385,12 +385,17 @@ class _CpbMlp(torch.autograd.Function):
         return None, d_w1, d_b1 if need_b1 else None, d_w2, None
 
 
+def _large_index(index: torch.Tensor, width: Optional[int]) -> bool:
+    """Whether an index into a table of ``width`` columns is large enough for the index plans
+    (``_LARGE_INDEX_MIN`` entries and more; never under tracing or compile)."""
+    return bool(width) and index.numel() >= _LARGE_INDEX_MIN and not (
+        torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
 def _reversed_keys(index: torch.Tensor, width: Optional[int]):
-    """:func:`~.geometry.reversed_keys_plan` for indices of ``_TWO_STEP_GATHER_MIN`` entries and
-    more into a table of ``width`` columns; ``None`` for smaller ones, under tracing or compile,
-    or where the index has no strided form."""
-    if (not width or index.numel() < _TWO_STEP_GATHER_MIN or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()):
+    """:func:`~.geometry.reversed_keys_plan` for large indices (:func:`_large_index`); ``None``
+    for others or where the index has no strided form."""
+    if not _large_index(index, width):
         return None
     from .geometry import reversed_keys_plan
     return reversed_keys_plan(index, width)
@@ -412,8 +417,7 @@ def _gather_bias(values: torch.Tensor, index: torch.Tensor, width: Optional[int]
     each)."""
     heads = values.shape[0]
     plan = None
-    if width and index.numel() >= _TWO_STEP_GATHER_MIN and not (torch.compiler.is_compiling()
-                                                                or torch.jit.is_tracing()):
+    if _large_index(index, width):
         from .geometry import gather_plan
         plan = gather_plan(index, width)
     if plan is None:
