@@ -655,6 +655,88 @@ def test_reversed_keys_plan_is_the_index_as_strides():
     assert reversed_keys_plan(index, 16) is None  # not this table's width
 
 
+@pytest.mark.skipif(attention_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
+def test_grouped_flash_equals_attention_with_the_gathered_bias(monkeypatch):
+    """The fused kernel called per window with queries grouped by grid column and the bias read
+    from the (heads, Qx, Qy + Ky - 1, Kx) runs (keys reversed) gives softmax(q k^T + bias
+    [+ mask]) v with the gathered bias: windows and both stripe directions, non-square grids,
+    several windows with a shifted-window mask (as q/k columns), v's head dim below q's;
+    ``None`` where a mask does not factor or v's head dim is larger. The runs are the table's
+    cells: the bias row of query (qy, qx) is ``runs[:, qx, qy:qy + Ky].flatten()``."""
+    from grl_plugin.layers.geometry import coords_table, relative_index, reversed_keys_plan, window_mask
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)  # masks as columns at 8x8 too
+    torch.manual_seed(5)
+    cases = [((8, 8), 1, True, None), ((16, 8), 4, True, None), ((16, 8), 4, False, None),
+             ((12, 24), 4, True, None), ((8, 8), 1, True, window_mask((16, 16), 8, 4, cpu))]
+    for window, df, w2a, mask in cases:
+        index, table = relative_index(window, df, w2a, cpu), coords_table(window, df, cpu)
+        width, (n1, n2) = table.shape[2], index.shape
+        plan = reversed_keys_plan(index, width)
+        cells = table.shape[1] * width
+        runs = attention_mod._grouped_bias(torch.arange(cells)[None], plan)
+        qy, qx, ky, kx = plan[1]
+        assert runs.shape == (1, qx, qy + ky - 1, kx)
+        for y in range(qy):
+            for x in range(qx):
+                assert torch.equal(runs[0, x, y:y + ky].flatten(), index[y * qx + x].flip(-1))
+        values = torch.rand(3, cells) * 16
+        bias = attention_mod._gather_bias(values, index)
+        n = 8 if mask is not None else 2
+        q, k = torch.randn(n, 3, n1, 6), torch.randn(n, 3, n2, 6)
+        for dv in (6, 5):
+            v = torch.randn(n, 3, n2, dv)
+            want = attention_mod._explicit(q, k, v, bias, mask, 0.0, inplace=False)
+            got = attention_mod._grouped_flash(q, k.flip(-2), v.flip(-2), attention_mod._grouped_bias(values, plan),
+                                               None if mask is None else mask.flip(-1))
+            assert got.shape == want.shape
+            assert (got - want).abs().max() <= 1e-5
+        assert attention_mod._grouped_flash(q, k, torch.randn(n, 3, n2, 7), attention_mod._grouped_bias(values, plan),
+                                            None) is None
+    full = torch.where(torch.rand(4, n1, n2) < 0.5, 0.0, -100.0)  # random: no region structure
+    assert attention_mod._grouped_flash(q, k, v, attention_mod._grouped_bias(values, plan), full) is None
+
+
+@pytest.mark.skipif(attention_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
+@pytest.mark.parametrize("masked", [False, True])
+def test_eval_beyond_the_bias_budget_takes_the_grouped_kernel(masked, monkeypatch):
+    """Eval of large windows (forced: 8x8) whose bias does not fit the cache budget: the
+    grouped kernel with its runs cached (one 4-D entry, a quarter of the bias's size here),
+    the reference's output; within the budget the (heads, N1, N2) bias is cached and the
+    grouped kernel unused; with the cache off, the runs are formed at each call and nothing is
+    cached. Also with a shifted-window mask."""
+    from grl_plugin.layers.geometry import relative_index, window_mask
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", 1)
+    monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
+    calls = []
+    real = attention_mod._grouped_flash
+    monkeypatch.setattr(attention_mod, "_grouped_flash", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(2)
+    index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
+    mask = window_mask((16, 16), 8, 4, cpu) if masked else None
+    q, k, v = (torch.randn(8, 2, 64, 6) for _ in range(3))
+    budget = attention_mod._BIAS_CACHE["max_bytes"]
+    held = attention_mod.bias_cache_bytes()  # by modules other tests keep alive
+    try:
+        for mib, form in ((held / 2 ** 20, 4), (held / 2 ** 20 + 1, 3), (None, None)):
+            attention_mod.set_bias_cache(mib is not None, mib)
+            t = AffineTransform(2).eval()
+            with torch.no_grad():
+                want = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
+                for _ in range(2):
+                    got = cosine_attention(q, k, v, t, table, index, mask)
+                    assert (got - want).abs().max() <= TOL
+            entries = [e[2] for e in t._bias_cache.values()]
+            assert [e.dim() for e in entries] == ([] if form is None else [form])
+            assert len(calls) == (0 if form == 3 else 2)
+            if form == 4:
+                assert entries[0].numel() == 2 * 8 * 15 * 8  # (heads, Qx, Qy + Ky - 1, Kx)
+            calls.clear()
+    finally:
+        attention_mod.set_bias_cache(True, budget / 2 ** 20)
+
+
 @pytest.mark.parametrize("save_probs", [False, True, None])
 @pytest.mark.parametrize("masked", [False, True])
 def test_lean_attention_with_reversed_keys_matches_reference(save_probs, masked, monkeypatch):

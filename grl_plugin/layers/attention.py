@@ -28,7 +28,9 @@ Two implementations give the same result:
     (masked pairs would otherwise be subnormal floats, on which x86 CPUs are many times
     slower; nothing below float32 resolution changes). The position bias is computed once per call from
     the small table (MLP, sigmoid, then one gather) and, when no gradient is needed, cached
-    per module until its weights change (:func:`set_bias_cache`).
+    per module until its weights change (:func:`set_bias_cache`); beyond the cache's budget,
+    the CPU eval path of large windows and stripes hands the kernel no bias tensor at all
+    (:func:`_grouped_flash`: keys reversed, queries grouped by grid column).
 """
 from __future__ import annotations
 
@@ -87,7 +89,10 @@ def set_bias_cache(enabled: bool = True, max_mib: Optional[float] = None) -> Non
     count: 2 MiB per GRL-T block at 64x64, 8 MiB at 128x128), which saves recomputing and
     gathering the bias (and adding the mask) at every eval forward. All modules together
     keep at most ``max_mib`` (default 512 MiB: all of GRL-T/S at the SR settings, about a third
-    of GRL-B's 1.4 GiB); the modules beyond the budget recompute theirs. ``enabled=False`` frees
+    of GRL-B's 1.4 GiB); the modules beyond the budget recompute theirs, except on CPU those with
+    large windows or stripes (32x32, 64x64), which cache the runs of table cells the fused
+    kernel then reads instead of a bias tensor (1/16 and 1/13 of the bias's size, kept even
+    beyond the budget; see :meth:`AffineTransform.position_bias`). ``enabled=False`` frees
     nothing already cached (``model.train()`` or a training forward does).
     """
     _BIAS_CACHE["enabled"] = bool(enabled)
@@ -169,7 +174,7 @@ class AffineTransform(nn.Module):
         return 16 * torch.sigmoid(bias)
 
     def position_bias(self, table: torch.Tensor, index: torch.Tensor,
-                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      mask: Optional[torch.Tensor] = None, plan=None) -> torch.Tensor:
         """16 * sigmoid(cpb_mlp(table)) gathered by ``index`` (N1, N2) -> (heads, N1, N2), or
         with an (nW, N1, N2) region ``mask`` the sum bias + mask -> (nW, heads, N1, N2).
 
@@ -182,6 +187,13 @@ class AffineTransform(nn.Module):
         :func:`set_bias_cache`); the cache key holds the weights' versions, so an optimizer
         step or ``load_state_dict`` invalidates it. (The masked sum is what small shifted
         windows hand the attention kernel; caching it saves forming it at every forward.)
+
+        With a reversed-keys ``plan`` (:func:`_reversed_keys`, large windows and stripes): where
+        the bias is not cached and does not fit the cache's budget, the (heads, Qx, Qy + Ky - 1,
+        Kx) runs :func:`_grouped_flash` reads instead (:func:`_grouped_bias`; 4-D, where the
+        plain bias is 3-D), cached beyond the budget (1/13-1/16 of the bias's size): the fused
+        kernel reads them ~10 % slower than a bias tensor, but forming the bias at every forward
+        costs more (GRL-B at the SR settings, whose biases are 1.4 GiB: 0.92 of the time).
         """
         lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
         cache = (_BIAS_CACHE["enabled"] and not torch.is_grad_enabled()
@@ -194,15 +206,20 @@ class AffineTransform(nn.Module):
             if (hit is not None and all(a is b for a, b in zip(hit[0], (table, index, mask)))
                     and hit[1] == versions):
                 return hit[2]
-        bias = _gather_bias(self.bias_values(table), index, table.shape[-2])
-        if mask is not None:
-            bias = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)
-        if cache:
             if len(self._bias_cache) >= _CACHE_ENTRIES:  # e.g. tiles of another size: drop the oldest
                 self._bias_cache.pop(next(iter(self._bias_cache)))
-            if bias_cache_bytes() + bias.numel() * bias.element_size() <= _BIAS_CACHE["max_bytes"]:
-                self._bias_cache[key] = ((table, index, mask), versions, bias)
-                _CACHING.add(self)
+        values = self.bias_values(table)
+        size = index.numel() * values.shape[0] * values.element_size() * (1 if mask is None else mask.shape[0])
+        fits = cache and bias_cache_bytes() + size <= _BIAS_CACHE["max_bytes"]
+        if plan is not None and not fits:
+            bias = _grouped_bias(values, plan)
+        else:
+            bias = _gather_bias(values, index, table.shape[-2])
+            if mask is not None:
+                bias = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)
+        if cache and (fits or plan is not None):
+            self._bias_cache[key] = ((table, index, mask), versions, bias)
+            _CACHING.add(self)
         return bias
 
     def bias_values(self, table: torch.Tensor) -> torch.Tensor:
@@ -407,6 +424,56 @@ def _strided_bias(values: torch.Tensor, plan) -> torch.Tensor:
     offset, sizes, strides = plan[:3]
     return values.as_strided((values.shape[0],) + sizes, (values.stride(0),) + strides,
                              values.storage_offset() + offset)
+
+
+def _grouped_bias(values: torch.Tensor, plan) -> torch.Tensor:
+    """The (heads, T) table values as the bias of :func:`_grouped_flash`: (heads, Qx, Qy + Ky - 1,
+    Kx), ``E[h, x, r, c] = values[h, offset + r * width + x + c]`` (``plan`` from
+    :func:`_reversed_keys`). With keys in reverse order, query (qy, qx)'s bias row is
+    ``E[:, qx, qy:qy + Ky].flatten()``: one contiguous run, Kx cells after the previous row's of
+    the same qx. About N1 * N2 / (Qx * (Qy + Ky - 1) * Kx) times smaller than the bias itself
+    (16x for GRL's 32x32 windows, 13x for its 64x64 stripes)."""
+    offset, (qy, qx, ky, kx), (width, _, _, _) = plan[:3]
+    return values.as_strided((values.shape[0], qx, qy + ky - 1, kx), (values.stride(0), 1, width, 1),
+                             values.storage_offset() + offset).contiguous()
+
+
+def _grouped_flash(q, k, v, bias, mask) -> Optional[torch.Tensor]:
+    """The fused CPU kernel (``_FLASH_CPU``) for keys in reverse order, its bias read from
+    :func:`_grouped_bias` instead of a (heads, N1, N2) tensor -> (B*nW, heads, N1, dv), or
+    ``None`` where a region mask does not factor (:func:`_mask_columns`) or v's head dim
+    exceeds q's.
+
+    ``k``, ``v`` and ``mask`` are in reverse key order (:func:`~.geometry.flip_keys`). The kernel
+    reads its mask through strides (batch, head, row), each row contiguous; the bias of
+    reversed keys is not such a tensor, but for the queries of one grid column qx it is: rows
+    qy = 0, 1, ... of that column start Kx cells apart in ``bias[:, qx]`` (and overlap). So
+    each window is one call whose "heads" are the (head, qx) pairs and whose rows are the qy of
+    that column (q a strided view, k and v broadcast over qx): the same products and softmax
+    sums as one call on the whole window, with no N1 x N2 bias (its query blocks are Qy rows
+    instead of up to 256, which the kernel runs ~10 % slower: measured on GRL-S's 32x32
+    windows and 64x64 stripes)."""
+    heads, qx, rows, kx = bias.shape
+    n, _, n1, d = q.shape
+    n2, dv = k.shape[-2], v.shape[-1]
+    qy = n1 // qx
+    mask, factors = _mask_columns(mask, n1, n2)
+    if mask is not None and factors is None:
+        return None
+    if factors is not None:
+        q, k = _with_columns(q, factors[0]), _with_columns(k, factors[1])
+        d = q.shape[-1]
+    if dv > d:
+        return None
+    if dv < d:
+        v = F.pad(v, (0, d - dv))
+    attn_mask = bias.as_strided((heads, qx, qy, n2), (qx * rows * kx, rows * kx, kx, 1))
+    out = q.new_empty(n, heads, qy, qx, dv)
+    for i in range(n):
+        o = _FLASH_CPU(q[i].view(heads, qy, qx, d).transpose(1, 2), k[i].unsqueeze(1).expand(heads, qx, n2, d),
+                       v[i].unsqueeze(1).expand(heads, qx, n2, d), 0.0, False, attn_mask=attn_mask, scale=1.0)[0]
+        out[i].copy_(o[..., :dv].transpose(1, 2))
+    return out.view(n, heads, n1, dv)
 
 
 def _gather_bias(values: torch.Tensor, index: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
@@ -859,7 +926,19 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         bias = _gather_bias(values, index, table.shape[-2])
     else:
         bias = None
-        if (mask is not None and not exporting and dropout_p == 0 and not torch.is_grad_enabled()
+        if (q.device.type == "cpu" and _FLASH_CPU is not None and dropout_p == 0 and not exporting
+                and not torch.is_grad_enabled()):  # large windows/stripes: keys reversed, no N1 x N2 bias
+            plan = _reversed_keys(index, table.shape[-2])
+            if plan is not None:
+                bias = transform.position_bias(table, index, plan=plan).to(q.dtype)
+                if bias.dim() == 4:  # not cached in full: the grouped form (see position_bias)
+                    from .geometry import flip_keys
+                    fused = _grouped_flash(q, k.flip(-2), v.flip(-2), bias,
+                                           None if mask is None else flip_keys(mask))
+                    if fused is not None:
+                        return fused
+                    bias = _gather_bias(transform.bias_values(table), index, table.shape[-2]).to(q.dtype)
+        if (bias is None and mask is not None and not exporting and dropout_p == 0 and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             mask, factors = _mask_columns(mask, *index.shape)
             if mask is not None and factors is None:  # small windows: bias + mask, cached with the bias
