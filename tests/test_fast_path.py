@@ -655,6 +655,40 @@ def test_reversed_keys_plan_is_the_index_as_strides():
     assert reversed_keys_plan(index, 16) is None  # not this table's width
 
 
+def test_cpu_kernel_head_dims_padded_to_multiples_of_16(monkeypatch):
+    """On CPU the fused kernel gets head dims padded with zero columns to the next multiple of
+    16 where that takes at most 4 (30 -> 32, 28 -> 32, 62 -> 64, 14 -> 16; not 24, 56, 34), with
+    the mask's q/k columns counted (28 + 4 -> 32: no padding; 30 + 4 = 34: none), and gives
+    the unpadded attention's output (the explicit one) in the plain, masked and grouped
+    calls."""
+    from grl_plugin.layers.geometry import coords_table, relative_index, reversed_keys_plan, window_mask
+    assert [attention_mod._cpu_head_pad(d) for d in (30, 28, 31, 32, 62, 14, 24, 56, 34, 16)] == \
+        [2, 4, 1, 0, 2, 2, 0, 0, 0, 0]
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)  # masks as columns at 8x8 too
+    widths = []
+    real_flash, real_sdpa = attention_mod._FLASH_CPU, F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_mod, "_FLASH_CPU", lambda q, *a, **kw: widths.append(q.shape[-1]) or real_flash(q, *a, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: widths.append(q.shape[-1]) or real_sdpa(q, *a, **kw))
+    torch.manual_seed(4)
+    index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
+    plan = reversed_keys_plan(index, table.shape[2])
+    values = torch.rand(2, table.shape[1] * table.shape[2]) * 16
+    bias = attention_mod._gather_bias(values, index)
+    mask = window_mask((16, 16), 8, 4, cpu)
+    for d, masked, width in [(30, False, 32), (24, False, 24), (28, True, 32), (30, True, 34), (26, True, 32)]:
+        m = mask if masked else None
+        q, k, v = (torch.randn(8, 2, 64, d) for _ in range(3))
+        want = attention_mod._explicit(q, k, v, bias, m, 0.0, inplace=False)
+        got = [attention_mod._fused(q, k, v, bias, m), attention_mod._fused_with_lse(q, k, v, bias, m)[0],
+               attention_mod._grouped_flash(q, k.flip(-2), v.flip(-2), attention_mod._grouped_bias(values, plan),
+                                            None if m is None else m.flip(-1))]
+        assert widths == [width] * (2 + 8), (d, masked, widths)  # (the grouped call: one per window)
+        widths.clear()
+        for out in got:
+            assert out.shape == want.shape and (out - want).abs().max() <= 1e-5
+
+
 @pytest.mark.skipif(attention_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
 def test_grouped_flash_equals_attention_with_the_gathered_bias(monkeypatch):
     """The fused kernel called per window with queries grouped by grid column and the bias read

@@ -76,6 +76,12 @@ _BACKWARD_BLOCK_BYTES = 8 * 2 ** 20
 # interleaved on an AMD EPYC Zen 4 VM: blocks of 256 cells took 1.5-1.7x the time of 1,024,
 # 512 cells 1.1-1.2x, 2,048 cells 0.94-1.05x).
 _CPB_BLOCK_CELLS = 1024
+# The fused CPU kernel runs head dims that are multiples of 16 fastest (float32, 4 x 3 heads x
+# 1024 x 1024 with a bias, AMD EPYC Zen 4 VM, ms): 28 15, 30 17.3, 31 19.5, 32 13.8; 14 12.3,
+# 16 9.4; 60 23.5, 62 26.5, 64 22.9; but 24 (12.4) and 56 (20.5) beat 32 and 64. So on CPU q, k
+# and v get zero columns up to the next multiple of 16 where that takes at most this many (GRL-B:
+# head dim 30)
+_CPU_HEAD_PAD_MAX = 4
 # the fused CPU kernel behind SDPA, called directly for its row log-sum-exp (None if absent)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -460,10 +466,13 @@ def _grouped_flash(q, k, v, bias, mask) -> Optional[torch.Tensor]:
     mask, factors = _mask_columns(mask, n1, n2)
     if mask is not None and factors is None:
         return None
+    pad = _cpu_head_pad(d + (0 if factors is None else factors[0].shape[-1]))
     if factors is not None:
-        q, k = _with_columns(q, factors[0]), _with_columns(k, factors[1])
-        d = q.shape[-1]
-    if dv > d:
+        q, k = _with_columns(q, factors[0], pad), _with_columns(k, factors[1], pad)
+    elif pad:
+        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+    d = q.shape[-1]
+    if dv > d - pad:
         return None
     if dv < d:
         v = F.pad(v, (0, d - dv))
@@ -739,6 +748,23 @@ def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -
     return acc
 
 
+def _cpu_head_pad(width: int) -> int:
+    """Zero columns the fused CPU kernel's operands of head dim ``width`` get (``_CPU_HEAD_PAD_MAX``)."""
+    extra = -width % 16
+    return extra if extra <= _CPU_HEAD_PAD_MAX else 0
+
+
+def _padded(kernel, q, k, v, attn_mask):
+    """``kernel(q, k, v, attn_mask)`` with q, k (and v, where its head dim is q's) padded with
+    zero columns as :func:`_cpu_head_pad` says on CPU: the q.k products are unchanged, v's
+    zero columns give zero output columns, which are cut off."""
+    extra = _cpu_head_pad(q.shape[-1]) if q.device.type == "cpu" else 0
+    if not extra or v.shape[-1] != q.shape[-1]:
+        return kernel(q, k, v, attn_mask)
+    out, lse = kernel(*(F.pad(x, (0, extra)) for x in (q, k, v)), attn_mask)
+    return out[..., :-extra], lse
+
+
 def _sdpa(q, k, v, bias, mask, kernel, multiple: int = 1):
     """Run ``kernel(q, k, v, attn_mask)`` (4-D SDPA operands; it returns ``(out, lse or None)``)
     with bias (+ mask) as the additive mask -> (out (B*nW, heads, N1, dv), lse or None).
@@ -746,7 +772,8 @@ def _sdpa(q, k, v, bias, mask, kernel, multiple: int = 1):
     ``bias`` is (heads, N1, N2), broadcast over the batch and the windows (stride 0), or bias +
     mask already formed per window, (nW, heads, N1, N2) (``mask`` then ``None``). A region mask
     enters as R extra columns of q and k (:func:`~.geometry.mask_factors`; zero columns of v
-    match them, R rounded up to ``multiple`` for the kernel's head-dim alignment), so that no
+    match them; on CUDA R rounded up to ``multiple`` for the kernel's head-dim alignment, on CPU
+    padded to the kernel's faster widths, :func:`_cpu_head_pad`, as q, k, v are), so that no
     (windows, heads, N1, N2) bias + mask is written. Small windows (fewer than
     ``_MASK_COLUMNS_MIN_PAIRS`` query-key pairs, e.g. 8x8), masks that do not factor, and all
     masks under ``torch.compile`` add the mask to the bias for every window instead."""
@@ -757,18 +784,18 @@ def _sdpa(q, k, v, bias, mask, kernel, multiple: int = 1):
         d, dv = q.shape[-1], v.shape[-1]
         if factors is not None and dv <= d + factors[0].shape[-1]:
             r = factors[0].shape[-1]
-            pad = -r % multiple
+            pad = _cpu_head_pad(d + r) if q.device.type == "cpu" else -r % multiple
             out, lse = kernel(_with_columns(q, factors[0], pad), _with_columns(k, factors[1], pad),
                               F.pad(v, (0, d + r + pad - dv)), bias.unsqueeze(0).expand(n, -1, -1, -1))
             return out[..., :dv], lse
         if mask is None:
-            return kernel(q, k, v, bias.unsqueeze(0).expand(n, -1, -1, -1))
+            return _padded(kernel, q, k, v, bias.unsqueeze(0).expand(n, -1, -1, -1))
         bias = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)
     n_w = bias.shape[0]
     if n == n_w:  # one image: its windows are the batch
-        return kernel(q, k, v, bias)
-    out, lse = kernel(*(x.reshape(n // n_w, n_w * heads, *x.shape[2:]) for x in (q, k, v)),
-                      bias.view(1, n_w * heads, n1, n2).expand(n // n_w, -1, -1, -1))
+        return _padded(kernel, q, k, v, bias)
+    out, lse = _padded(kernel, *(x.reshape(n // n_w, n_w * heads, *x.shape[2:]) for x in (q, k, v)),
+                       bias.view(1, n_w * heads, n1, n2).expand(n // n_w, -1, -1, -1))
     return out.reshape(n, heads, n1, -1), lse if lse is None else lse.reshape(n, heads, n1)
 
 
