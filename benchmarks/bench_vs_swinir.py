@@ -182,7 +182,13 @@ def _count_flops(torch, model, x) -> int:
     that ``F.scaled_dot_product_attention`` runs on CPU (it would count GRL's attention as 0), so
     it is given the one torch uses for the other SDPA kernels (q @ k^T and p @ v); likewise the
     oneDNN linear + GELU of the fast path's eval MLPs (``grl_plugin.layers.linear``), counted
-    as its product (torch counts no element-wise ops)."""
+    as its product (torch counts no element-wise ops).
+
+    GRL is counted on its reference path (every ``attn_impl`` set to ``"reference"``, the
+    official steps: q @ k^T and p @ v of the true head dim), so that the count is the
+    network's and not the fast path's own: that one widens q and k by the region mask's
+    columns and pads head dims on CPU (``grl_plugin.layers.attention``), work it does but the
+    network does not need."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     def cpu_flash(query, key, value, *args, out_shape=None, **kwargs):
@@ -200,9 +206,16 @@ def _count_flops(torch, model, x) -> int:
     except (AttributeError, RuntimeError):
         pass
     model.eval()
+    impls = [(m, m.attn_impl) for m in model.modules() if hasattr(m, "attn_impl")]
+    for m, _ in impls:
+        m.attn_impl = "reference"
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with torch.no_grad(), counter:
-        model(x)
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        for m, impl in impls:
+            m.attn_impl = impl
     return int(counter.get_total_flops())
 
 
