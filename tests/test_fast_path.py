@@ -810,6 +810,46 @@ def test_lean_attention_with_reversed_keys_matches_reference(save_probs, masked,
 
 
 @pytest.mark.parametrize("mode", [None, True, False])
+def test_blocks_with_large_windows_keep_mlp_hidden_and_norm_inputs(mode, monkeypatch):
+    """Automatic backward: a block whose window attention recomputes its probabilities (16x16
+    windows, head dim 4: P larger than q, k, v, out) keeps its MLP hidden layer and its two
+    post-norm inputs for the backward, a block whose window attention keeps P (4x4 windows)
+    recomputes them; set_lean_backward(True) recomputes and (False) keeps them in both. The
+    gradients are the reference block's either way."""
+    from grl_plugin.layers import GRLBlock, set_lean_backward
+    from grl_plugin.layers import block as block_mod
+    from grl_plugin.layers.attention import probs_recomputed
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None])
+    set_lean_backward(mode)
+    assert probs_recomputed(256, 256, 4, 4) and not probs_recomputed(16, 16, 4, 4)
+    calls = []
+    real_norm, real_mlp = block_mod._LinearNorm.apply, block_mod._LeanMlp.apply
+    monkeypatch.setattr(block_mod._LinearNorm, "apply", lambda *a: calls.append("proj+norm recomputed") or real_norm(*a))
+    monkeypatch.setattr(block_mod._LeanMlp, "apply",
+                        lambda *a: calls.append(("hidden recomputed", a[5], "norm input recomputed", a[6] is not None))
+                        or real_mlp(*a))
+    dim = 16
+    for window in (16, 4):
+        large = window == 16
+        torch.manual_seed(0)
+        fast = GRLBlock(dim, 2, 2, window_size=window, stripe_size=(16, 16), anchor_window_down_factor=4)
+        ref = GRLBlock(dim, 2, 2, window_size=window, stripe_size=(16, 16), anchor_window_down_factor=4,
+                       attn_impl="reference")
+        ref.load_state_dict(fast.state_dict())
+        assert fast.attn.large_attention is large
+        x = torch.randn(1, 32 * 32, dim, requires_grad=True)
+        calls.clear()
+        out = fast(x, (32, 32))
+        recompute = mode is True or (mode is None and not large)
+        assert calls == ["proj+norm recomputed"] * recompute + [("hidden recomputed", recompute,
+                                                                 "norm input recomputed", recompute)]
+        want = torch.autograd.grad(ref(x, (32, 32)).square().sum(), [x, *ref.parameters()])
+        got = torch.autograd.grad(out.square().sum(), [x, *fast.parameters()])
+        for a_, b_ in zip(got, want):
+            assert (a_ - b_).abs().max() <= TOL * max(1.0, float(b_.abs().max()))
+
+
+@pytest.mark.parametrize("mode", [None, True, False])
 def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
     """The lean MLP (training path) gives the plain MLP's output and gradients (input, both
     weights and biases) and keeps only its input for the backward, or under

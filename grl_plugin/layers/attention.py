@@ -118,13 +118,19 @@ def set_lean_backward(enabled: Optional[bool] = None) -> None:
     ``None`` (default, automatic): the backward recomputes the attention probabilities P
     where P (N1 x N2 per head) would be larger than the q, k, v and output that are saved
     anyway (e.g. GRL's 32x32 windows and 64x64 stripes), and keeps P where it is not (8x8
-    windows); the MLPs of the blocks recompute their hidden layer (one more product, measured
-    within the noise of a GRL-T/S training step on CPU, ~0.1 of the fast path's training
-    peak), and the blocks' two post-norms their inputs (the output projection's and fc2's
-    outputs: two more products, 3-11 % of a model-YAML training step on CPU, ~0.1 of the
-    peak). ``True``: always recompute P and keep no attention output either (least memory);
-    ``False``: keep P, the MLP hidden layers and the post-norm inputs (fastest backward, most
-    memory). The MLP and post-norm parts apply on any device.
+    windows). In blocks whose window attention keeps P, the MLP recomputes its hidden layer
+    (one more product, measured within the noise of a GRL-T/S training step on CPU, ~0.1 of
+    the fast path's training peak) and the two post-norms their inputs (the output
+    projection's and fc2's outputs: two more products, 3-11 % of a model-YAML training step on
+    CPU, ~0.1 of the peak): with them the model-YAML configs train in under half the reference
+    path's peak. Blocks whose window attention recomputes P keep them: the attention's
+    recompute already takes those to 0.10-0.16 of the reference's peak, keeping them costs
+    0.02-0.06 more (GRL-T/S at the SR settings, 64x64 and 128x128), and the three products
+    took ~5 % of GRL-S@sr's step (interleaved, 8 rounds: 0.952 of the time kept). ``True``:
+    always recompute P, MLP hidden layers and post-norm inputs, and keep no attention output
+    (least memory); ``False``: keep P, the MLP hidden layers and the post-norm inputs
+    everywhere (fastest backward, most memory). The MLP and post-norm parts apply on any
+    device.
     """
     _SAVE_PROBS[0] = None if enabled is None else not enabled
 
@@ -134,20 +140,27 @@ def least_memory_backward() -> bool:
     return _SAVE_PROBS[0] is False
 
 
-def keep_mlp_hidden() -> bool:
-    """Whether the block MLPs keep their hidden layer and the post-norms their input for the
-    backward (``set_lean_backward(False)``)."""
-    return _SAVE_PROBS[0] is True
+def keep_mlp_hidden(large_attention: bool = False) -> bool:
+    """Whether a block's MLP keeps its hidden layer and its post-norms their inputs for the
+    backward: forced by :func:`set_lean_backward` (``False`` keeps, ``True`` does not), else
+    where the block's attention recomputes its probabilities (``large_attention``, see
+    :func:`probs_recomputed`)."""
+    return _SAVE_PROBS[0] is True or (_SAVE_PROBS[0] is None and large_attention)
+
+
+def probs_recomputed(n1: int, n2: int, d: int, dv: int) -> bool:
+    """Whether the automatic CPU backward recomputes the probabilities of an attention of
+    ``n1`` queries, ``n2`` keys and head dims ``d`` (q, k) and ``dv`` (v): where P is larger
+    than the q, k, v and output saved anyway (GRL's 32x32 windows, not its 8x8 ones)."""
+    return n1 * n2 > n1 * d + n2 * d + n2 * dv + n1 * dv
 
 
 def _keep_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the CPU backward keeps P: forced by :func:`set_lean_backward`, else when P is no
-    larger than q, k, v and the output together."""
+    """Whether the CPU backward keeps P: forced by :func:`set_lean_backward`, else where
+    :func:`probs_recomputed` says no."""
     if _SAVE_PROBS[0] is not None:
         return _SAVE_PROBS[0]
-    n1, d = q.shape[-2:]
-    n2, dv = v.shape[-2:]
-    return n1 * n2 <= n1 * d + n2 * d + n2 * dv + n1 * dv
+    return not probs_recomputed(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1])
 
 
 class AffineTransform(nn.Module):

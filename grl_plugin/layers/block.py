@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import keep_mlp_hidden
+from .attention import keep_mlp_hidden, probs_recomputed
 from .geometry import GRLGeometry, grl_geometry, pad_multiple
 from .linear import linear, linear_backward, linear_gelu
 from .local import CAB
@@ -191,15 +191,17 @@ class Mlp(nn.Module):
     def lean(self) -> bool:
         return self.attn_impl != "reference"
 
-    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
-        """``mlp(x)``, or ``norm(mlp(x))`` (a block's post-norm: on the lean path in training,
-        the norm's input is recomputed in the backward instead of kept, unless
-        ``set_lean_backward(False)``)."""
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None,
+                large_attention: bool = False) -> torch.Tensor:
+        """``mlp(x)``, or ``norm(mlp(x))`` (a block's post-norm). On the lean path in training,
+        the hidden layer and the norm's input are recomputed in the backward instead of kept,
+        unless :func:`~.attention.keep_mlp_hidden` says keep (``large_attention``: the block's
+        attention recomputes its probabilities)."""
         if not self.lean:
             y = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
             return y if norm is None else norm(y)
         if _lean_autograd(x, self, self.drop1, self.drop2):
-            keep = keep_mlp_hidden()
+            keep = keep_mlp_hidden(large_attention)
             fused = None if keep else _norm_args(norm)
             y = _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, not keep,
                                *((None, None, None) if fused is None else fused))
@@ -302,6 +304,14 @@ class MixedAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     @property
+    def large_attention(self) -> bool:
+        """Whether the automatic CPU backward recomputes the window attention's probabilities
+        (:func:`~.attention.probs_recomputed`; then the block keeps its MLP hidden layer and
+        post-norm inputs, :func:`~.attention.keep_mlp_hidden`)."""
+        n, d = self.window_size ** 2, self.dim // 2 // self.window_attn.num_heads
+        return probs_recomputed(n, n, d, d)
+
+    @property
     def pad_multiple(self) -> int:
         """Multiple the sides of a token grid must have."""
         return pad_multiple(self.window_size, self.stripe_size, self.stripe_groups,
@@ -344,7 +354,7 @@ class MixedAttention(nn.Module):
             self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
             self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
         fused = _norm_args(norm)
-        if fused is not None and not keep_mlp_hidden() and _lean_autograd(x, self, self.proj_drop):
+        if fused is not None and not keep_mlp_hidden(self.large_attention) and _lean_autograd(x, self, self.proj_drop):
             return _LinearNorm.apply(y, self.proj.weight, self.proj.bias, *fused)
         y = self.proj_drop(linear(y, self.proj.weight, self.proj.bias))
         return y if norm is None else norm(y)
@@ -427,7 +437,7 @@ class GRLBlock(_MapOrTokens):
         y = self._residual(x, self.attn(x, x_size, geom, norm=self.norm1))
         if self.conv is not None:
             y = y + self.conv(x, x_size, channels_last=self.fast)
-        return self._residual(y, self.mlp(y, norm=self.norm2))
+        return self._residual(y, self.mlp(y, norm=self.norm2, large_attention=self.attn.large_attention))
 
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """``x + res_scale * drop_path(branch)`` as one scaled add (no pass for the scale)."""
