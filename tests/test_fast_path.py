@@ -563,6 +563,35 @@ def test_mask_factors_of_all_grl_masks_and_a_mask_that_does_not_factor():
     assert (ref - fast).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("budget_mib", [None, 0.0])
+def test_eval_bias_cache_keeps_autocast_biases_apart(budget_mib, monkeypatch):
+    """A position bias made under bf16 autocast (16-bit values) is cached apart from the float32
+    one: a float32 eval forward after an autocast one gives the reference's output, not one
+    with bf16-rounded biases; for the full bias (within the budget) and the grouped runs
+    (budget 0, large windows forced)."""
+    from grl_plugin.layers.geometry import relative_index
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", 1)
+    budget = attention_mod._BIAS_CACHE["max_bytes"]
+    torch.manual_seed(6)
+    index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
+    q, k, v = (torch.randn(4, 2, 64, 16) for _ in range(3))
+    t = AffineTransform(2).eval()
+    try:
+        if budget_mib is not None:
+            attention_mod.set_bias_cache(True, attention_mod.bias_cache_bytes() / 2 ** 20 + budget_mib)
+        with torch.no_grad():
+            want = cosine_attention(q, k, v, t, table, index, impl="reference")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = cosine_attention(q, k, v, t, table, index)
+            got = cosine_attention(q, k, v, t, table, index)
+        assert (low.float() - want).abs().max() > 10 * TOL  # bf16 is visibly coarser...
+        assert (got - want).abs().max() <= TOL  # ...and did not leak into float32
+        assert len(t._bias_cache) == 2
+    finally:
+        attention_mod.set_bias_cache(True, budget / 2 ** 20)
+
+
 def test_eval_bias_cache_budget_and_release():
     """The eval bias caches of all modules stay within the budget (modules beyond it recompute,
     with the same values), and switching a module to training frees its entries."""

@@ -204,8 +204,9 @@ class AffineTransform(nn.Module):
         ``index_add_`` backward instead of ``index_put_(accumulate=True)``, which sorts the
         N1 * N2 index on every call). Cached while no gradient is needed (see
         :func:`set_bias_cache`); the cache key holds the weights' versions, so an optimizer
-        step or ``load_state_dict`` invalidates it. (The masked sum is what small shifted
-        windows hand the attention kernel; caching it saves forming it at every forward.)
+        step or ``load_state_dict`` invalidates it, and it holds the autocast dtype, so a bias
+        made under autocast never serves a float32 forward. (The masked sum is what small
+        shifted windows hand the attention kernel; caching it saves forming it at every forward.)
 
         With a reversed-keys ``plan`` (:func:`_reversed_keys`, large windows and stripes): where
         the bias is not cached and does not fit the cache's budget, the (heads, Qx, Qy + Ky - 1,
@@ -217,8 +218,10 @@ class AffineTransform(nn.Module):
         lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
         cache = (_BIAS_CACHE["enabled"] and not torch.is_grad_enabled()
                  and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
-        key = (id(table), id(index), id(mask))
         if cache:
+            device = table.device.type  # values made under autocast (16-bit) are not float32's
+            key = (id(table), id(index), id(mask),
+                   torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
             versions = tuple((p.data_ptr(), p._version) for p in (lin1.weight, lin1.bias, lin2.weight))
             hit = self._bias_cache.get(key)
             # the entry holds table, index and mask themselves, so their ids cannot be reused meanwhile
