@@ -795,7 +795,36 @@ def test_eval_beyond_the_bias_budget_takes_the_grouped_kernel(masked, monkeypatc
             assert len(calls) == (0 if form == 3 else 2)
             if form == 4:
                 assert entries[0].numel() == 2 * 8 * 15 * 8  # (heads, Qx, Qy + Ky - 1, Kx)
+                with torch.no_grad():  # asked without a plan: the plain bias, not the cached runs
+                    assert t.position_bias(table, index).shape == (2, 64, 64)
             calls.clear()
+    finally:
+        attention_mod.set_bias_cache(True, budget / 2 ** 20)
+
+
+@pytest.mark.skipif(attention_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
+def test_eval_beyond_the_budget_with_a_mask_that_does_not_factor(monkeypatch):
+    """Where the grouped kernel cannot take the mask (it does not factor into q/k columns), the
+    eval path (beyond the budget) falls back to bias + mask, with the reference's output; only
+    the grouped runs stay cached."""
+    from grl_plugin.layers.geometry import relative_index
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", 1)
+    monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
+    torch.manual_seed(7)
+    index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
+    mask = torch.where(torch.rand(4, 64, 64) < 0.5, 0.0, -100.0)  # random: no region structure
+    q, k, v = (torch.randn(8, 2, 64, 6) for _ in range(3))
+    budget = attention_mod._BIAS_CACHE["max_bytes"]
+    try:
+        attention_mod.set_bias_cache(True, attention_mod.bias_cache_bytes() / 2 ** 20)
+        t = AffineTransform(2).eval()
+        with torch.no_grad():
+            want = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
+            for _ in range(2):
+                assert (cosine_attention(q, k, v, t, table, index, mask) - want).abs().max() <= TOL
+        shapes = sorted(tuple(e[2].shape) for e in t._bias_cache.values())
+        assert shapes == [(2, 8, 15, 8)]
     finally:
         attention_mod.set_bias_cache(True, budget / 2 ** 20)
 

@@ -220,7 +220,7 @@ class AffineTransform(nn.Module):
                  and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
         if cache:
             device = table.device.type  # values made under autocast (16-bit) are not float32's
-            key = (id(table), id(index), id(mask),
+            key = (id(table), id(index), id(mask), plan is not None,  # (the grouped form is 4-D)
                    torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
             versions = tuple((p.data_ptr(), p._version) for p in (lin1.weight, lin1.bias, lin2.weight))
             hit = self._bias_cache.get(key)
@@ -482,16 +482,11 @@ def _grouped_flash(q, k, v, bias, mask) -> Optional[torch.Tensor]:
     mask, factors = _mask_columns(mask, n1, n2)
     if mask is not None and factors is None:
         return None
-    pad = _cpu_head_pad(d + (0 if factors is None else factors[0].shape[-1]))
-    if factors is not None:
-        q, k = _with_columns(q, factors[0], pad), _with_columns(k, factors[1], pad)
-    elif pad:
-        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
-    d = q.shape[-1]
-    if dv > d - pad:
+    width = d + (0 if factors is None else factors[0].shape[-1])
+    if dv > width:
         return None
-    if dv < d:
-        v = F.pad(v, (0, d - dv))
+    q, k, v = _widen(q, k, v, factors, _cpu_head_pad(width))
+    d = q.shape[-1]
     attn_mask = bias.as_strided((heads, qx, qy, n2), (qx * rows * kx, rows * kx, kx, 1))
     out = q.new_empty(n, heads, qy, qx, dv)
     for i in range(n):
@@ -764,6 +759,17 @@ def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -
     return acc
 
 
+def _widen(q, k, v, factors, pad: int):
+    """q and k with a region mask's columns (``factors`` from :func:`_mask_columns`, or
+    ``None``) and ``pad`` zero columns after them; v zero-padded to their width (the kernels
+    take one head dim; v's extra columns give output columns that are cut off)."""
+    if factors is not None:
+        q, k = _with_columns(q, factors[0], pad), _with_columns(k, factors[1], pad)
+    elif pad:
+        q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+    return q, k, v if v.shape[-1] == q.shape[-1] else F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+
+
 def _cpu_head_pad(width: int) -> int:
     """Zero columns the fused CPU kernel's operands of head dim ``width`` get (``_CPU_HEAD_PAD_MAX``)."""
     extra = -width % 16
@@ -777,7 +783,7 @@ def _padded(kernel, q, k, v, attn_mask):
     extra = _cpu_head_pad(q.shape[-1]) if q.device.type == "cpu" else 0
     if not extra or v.shape[-1] != q.shape[-1]:
         return kernel(q, k, v, attn_mask)
-    out, lse = kernel(*(F.pad(x, (0, extra)) for x in (q, k, v)), attn_mask)
+    out, lse = kernel(*_widen(q, k, v, None, extra), attn_mask)
     return out[..., :-extra], lse
 
 
@@ -801,8 +807,7 @@ def _sdpa(q, k, v, bias, mask, kernel, multiple: int = 1):
         if factors is not None and dv <= d + factors[0].shape[-1]:
             r = factors[0].shape[-1]
             pad = _cpu_head_pad(d + r) if q.device.type == "cpu" else -r % multiple
-            out, lse = kernel(_with_columns(q, factors[0], pad), _with_columns(k, factors[1], pad),
-                              F.pad(v, (0, d + r + pad - dv)), bias.unsqueeze(0).expand(n, -1, -1, -1))
+            out, lse = kernel(*_widen(q, k, v, factors, pad), bias.unsqueeze(0).expand(n, -1, -1, -1))
             return out[..., :dv], lse
         if mask is None:
             return _padded(kernel, q, k, v, bias.unsqueeze(0).expand(n, -1, -1, -1))
@@ -980,7 +985,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
                                            None if mask is None else flip_keys(mask))
                     if fused is not None:
                         return fused
-                    bias = _gather_bias(transform.bias_values(table), index, table.shape[-2]).to(q.dtype)
+                    bias = None  # (a mask that does not factor: the plain bias, below)
         if (bias is None and mask is not None and not exporting and dropout_p == 0 and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             mask, factors = _mask_columns(mask, *index.shape)
