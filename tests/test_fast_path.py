@@ -1152,11 +1152,11 @@ def test_lean_attention_keeps_the_output_only_when_it_recomputes_probabilities(s
 @pytest.mark.parametrize("save_probs", [False, True, None])
 @pytest.mark.parametrize("columns", [False, True])
 def test_lean_attention_backward_in_row_blocks_matches_reference(save_probs, columns, monkeypatch):
-    """Logits larger than ``_BACKWARD_BLOCK_BYTES`` go through the CPU backward a block of query
-    rows at a time (forced here: 72 rows in blocks of 16, the last one 8; every block's
-    probabilities recomputed, or sliced from the kept P): gradients equal the reference's in
-    every mode, with the region mask added per block or entering as extra q/k columns, and
-    with only some inputs needing a gradient."""
+    """Windows whose logits are larger than ``_BACKWARD_BLOCK_BYTES`` go through the CPU
+    backward one window and a block of query rows at a time (forced here: 6 windows of 72 rows
+    in blocks of 16, the last one 8; every block's probabilities recomputed, or sliced from the
+    kept P): gradients equal the reference's in every mode, with the region mask added per
+    block or entering as extra q/k columns, and with only some inputs needing a gradient."""
     monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
     monkeypatch.setattr(attention_mod, "_keep_probs", lambda *a: save_probs is True)
     monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", 1)
@@ -1166,16 +1166,67 @@ def test_lean_attention_backward_in_row_blocks_matches_reference(save_probs, col
     blocks = []
     real = attention_mod._logits_block
     monkeypatch.setattr(attention_mod, "_logits_block",
-                        lambda *a: (blocks.append(a[-1]), real(*a))[1])
+                        lambda *a: (blocks.append((a[0].shape[0], a[-1])), real(*a))[1])
     t, table, index, mask, (q, k, v) = _attention_inputs(True, n1=72, n2=24)
-    assert attention_mod._block_rows(q.shape[0] * 2 * 24 * 4, 72) == 16
+    assert attention_mod._block_rows(2 * 24 * 4, 72) == 16
+    assert attention_mod._backward_blocks(q.shape[0], 2 * 24 * 4, 72, 16, 3) == (1, 16)
     params = list(t.parameters())
     for leaves in ([q, k, v] + params, [k] + params, [q, v]):
         out = cosine_attention(q, k, v, t, table, index, mask)
         blocks.clear()
         got = torch.autograd.grad((out * out.detach().cos()).sum(), leaves)
         if save_probs is not True:  # P recomputed block by block
-            assert [(b.start, b.stop) for b in blocks] == [(i, i + 16) for i in range(0, 72, 16)]
+            assert [(n, b.start, b.stop) for n, b in blocks] == [
+                (1, i, i + 16) for _ in range(q.shape[0]) for i in range(0, 72, 16)]
+        ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
+        want = torch.autograd.grad((ref * ref.detach().cos()).sum(), leaves)
+        for a, b in zip(got, want):
+            assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))
+
+
+def test_backward_blocks_of_whole_windows():
+    """Where all windows' logits exceed the backward's block size but one window's fit, the
+    blocks are whole windows (all rows: no product split into row blocks), as many per block
+    as the budget allows, evenly; with a region mask added per window, a divisor or multiple
+    of the mask's window count; a window larger than the budget alone goes in row blocks."""
+    blocks = attention_mod._backward_blocks
+    budget = attention_mod._BACKWARD_BLOCK_BYTES
+    row = 2 * 1024 * 4  # GRL-S: 2 heads, 32x32 windows: 8 MiB per window
+    assert blocks(1, row, 1024) == (1, 1024)
+    assert blocks(4, row, 1024) == (1, 1024)  # 64x64 input: 4 windows of 8 MiB
+    assert blocks(16, row, 1024) == (1, 1024)
+    assert blocks(16, row // 8, 1024) == (8, 1024)  # 1 MiB per window: 8 per block
+    assert blocks(12, row // 8, 1024) == (12, 1024)  # 12 MiB: within half as much again
+    assert blocks(14, row // 8, 1024) == (7, 1024)  # 2 even blocks, not 8 + 6
+    assert blocks(14, row // 8, 1024, 16, 4) == (4, 1024)  # a multiple of the mask's 4
+    assert blocks(14, row // 8, 1024, 16, 5) == (5, 1024)
+    assert blocks(32, row // 8, 1024, 16, 12) == (6, 1024)  # 8 is not a divisor of 12
+    assert blocks(48, row // 16, 1024, 16, 6) == (12, 1024)  # a multiple of the mask's 6
+    assert blocks(2, row // 2, 1024) == (2, 1024)  # 8 MiB in all: one block
+    # one window over the budget: alone, in blocks of 512 rows of 16 KiB
+    assert blocks(3, 2 * budget // 1024, 1024) == (1, 512)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_lean_attention_backward_in_window_blocks_matches_reference(masked, monkeypatch):
+    """Blocks of whole windows (forced: 6 windows of 72 x 24 logits, 2 or 3 per block; the
+    region mask of 3 windows added per window needs 1 or 3): every block recomputes all rows
+    of its windows, and the gradients (q, k, v and the bias MLP's, summed over the blocks)
+    equal the reference's."""
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [False])
+    t, table, index, mask, (q, k, v) = _attention_inputs(masked, n1=72, n2=24)
+    window = 2 * 24 * 4 * 72
+    blocks = []
+    real = attention_mod._logits_block
+    monkeypatch.setattr(attention_mod, "_logits_block",
+                        lambda *a: (blocks.append((a[0].shape[0], a[-1])), real(*a))[1])
+    leaves = [q, k, v] + list(t.parameters())
+    for budget, per_block in [(2 * window, 1 if masked else 2), (3 * window, 3)]:
+        monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", budget)
+        out = cosine_attention(q, k, v, t, table, index, mask)
+        blocks.clear()
+        got = torch.autograd.grad((out * out.detach().cos()).sum(), leaves)
+        assert [(n, b.start, b.stop) for n, b in blocks] == [(per_block, 0, 72)] * (6 // per_block)
         ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
         want = torch.autograd.grad((ref * ref.detach().cos()).sum(), leaves)
         for a, b in zip(got, want):

@@ -64,12 +64,14 @@ _MASK_COLUMNS_MIN_PAIRS = 1 << 16
 # (_reversed_keys: a (heads, N1, N2) bias less kept per attention, e.g. 24 MiB per GRL block at
 # the SR settings; below this size the bias is small and the flips cost more than they save)
 _LARGE_INDEX_MIN = 1 << 16
-# Rows of the (B*nW, heads, rows, N2) logits the CPU backward handles at a time: blocks of
-# about 8 MiB, so that the passes over one block (product, bias, exp, dS, the three products
-# reading it) find it in the cache instead of main memory. On the 2-core AMD EPYC VM of the
-# measurements (32 MiB L3) forward + backward of GRL's 32x32-window and 64x64-stripe
-# attentions took 0.82-0.97 of the unblocked time; 4 MiB blocks were within the noise of
-# 8 MiB, 2 MiB slower on the larger head dims.
+# Windows and rows of the (B*nW, heads, N1, N2) logits the CPU backward handles at a time
+# (_backward_blocks): blocks of about 8 MiB, so that the passes over one block (product, bias,
+# exp, dS, the three products reading it) find it in the cache instead of main memory. On the
+# 2-core AMD EPYC VM of the measurements (32 MiB L3) forward + backward of GRL's 32x32-window
+# and 64x64-stripe attentions took 0.82-0.97 of the unblocked time; 4 MiB blocks were within
+# the noise of 8 MiB, 2 MiB slower on the larger head dims. Blocks of whole windows rather
+# than of rows across all windows: GRL-S@sr training at 128x128 (16 windows, 64-row blocks
+# before) 0.909 (4 interleaved rounds), at 64x64 0.97-0.99 (noise), GRL-B@sr 64x64 1.003.
 _BACKWARD_BLOCK_BYTES = 8 * 2 ** 20
 # Table cells per block of the CPB MLP (:class:`_CpbPlan`): blocks of 2 MiB at GRL's hidden
 # width 512, whose passes stay in the cache (forward + backward of the 63x63 and 79x79 tables,
@@ -647,9 +649,10 @@ class _LeanAttention(torch.autograd.Function):
     backward recomputes the probabilities P = exp(q k^T + bias + mask - lse) (one matrix
     product that also writes the mask and -lse, see :func:`_logits_`, then the bias add, the
     floor and exp in place) and the logits' gradient dS = P * (dO v^T - rowsum(dO * O)) (one
-    product, the row term again an extra column, times P in place); the bias gradient goes
-    back to the table cells by one ``index_add_`` per block of rows (no (heads, N1, N2)
-    gradient formed). Between forward and backward no per-window N1 x N2 tensor is kept.
+    product, the row term again an extra column, times P in place), in blocks of about
+    :data:`_BACKWARD_BLOCK_BYTES` (:func:`_backward_blocks`); the bias gradient, summed over
+    the windows, goes back to the table cells by ``index_add_``. Between forward and backward
+    no per-window N1 x N2 tensor is kept.
     With ``save_probs`` (or where the fused kernel is missing, or v's head dim differs from
     q's, which it does not take) the forward computes P explicitly and keeps it instead of
     the output and the log-sum-exp (faster backward; the row term is then rowsum(P * dP), as
@@ -712,41 +715,108 @@ class _LeanAttention(torch.autograd.Function):
             v_t = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1).transpose(-2, -1).contiguous()
         else:  # P * dP, then minus P * its row sums
             do_x, v_t = d_out, v.transpose(-2, -1).contiguous()
-        step = _block_rows(n * heads * n2 * q.element_size(), n1,
-                           16 if plan is None else math.lcm(16, plan[1][1]))
+        windows, step = _backward_blocks(n, heads * n2 * q.element_size(), n1,
+                                         16 if plan is None else math.lcm(16, plan[1][1]),
+                                         None if mask is None else mask.shape[0])
         # dV and dK are accumulated transposed, dV^T += dO^T P and dK^T += q^T dS: the same sums,
         # 1.2-2.4x faster than P^T dO and dS^T q (whose first operand is a transposed view)
         d_q = d_k_t = d_v_t = None
-        if step < n1 and need_q:  # blocks write into the whole gradient; one block's product is it
-            d_q = torch.empty_like(q)
-        # the bias gradient goes back to the table cells block by block (summed over the windows;
-        # with one window, the block itself)
+        split = windows < n or step < n1
+        if split:  # blocks write into the whole gradients; one block's products are them
+            d_q = torch.empty_like(q) if need_q else None
+            d_k_t = q.new_empty(n, heads, q.shape[-1], n2) if need_k else None
+            d_v_t = v.new_empty(n, heads, v.shape[-1], n2) if need_v else None
+        # the bias gradient goes back to the table cells summed over the windows: with blocks of
+        # windows, summed into one (heads, N1, N2) tensor first (one index_add_ at the end)
         d_values = q.new_zeros(heads, ctx.n_values) if need_values else None
-        for start in range(0, n1, step):
-            rows = slice(start, start + step)
-            pb = p[:, :, rows] if p is not None else _probs_(_logits_block(qx, kx_t, bias, mask, lse, rows))
-            if need_v:
-                d_v_t = _accumulate(d_v_t, d_out[:, :, rows].transpose(-2, -1), pb)
-            ds = torch.matmul(do_x[:, :, rows], v_t).mul_(pb)
-            if out is None:
-                ds.addcmul_(pb, ds.sum(-1, keepdim=True), value=-1.0)
-            del pb
-            if need_k:
-                d_k_t = _accumulate(d_k_t, q[:, :, rows].transpose(-2, -1), ds)
-            if need_q:
-                if step < n1:
-                    d_q[:, :, rows] = torch.matmul(ds, k)
+        d_bias = q.new_zeros(heads, n1, n2) if need_values and windows < n else None
+        for first in range(0, n, windows):
+            w = slice(first, first + windows)
+            w_mask = mask
+            if mask is not None and windows % mask.shape[0]:  # windows divides the mask's count
+                w_mask = mask[first % mask.shape[0]:][:windows]
+            for start in range(0, n1, step):
+                rows = slice(start, start + step)
+                if p is not None:
+                    pb = p[w, :, rows]
                 else:
-                    d_q = torch.matmul(ds, k)
-            if need_values:
-                d_values.index_add_(1, index[rows].reshape(-1), (ds[0] if n == 1 else ds.sum(0)).view(heads, -1))
-            del ds
+                    pb = _probs_(_logits_block(qx[w], kx_t[w], bias, w_mask,
+                                               None if lse is None else lse[w], rows))
+                if need_v:
+                    if step < n1:
+                        _accumulate_rows(d_v_t, w, start, d_out[w, :, rows].transpose(-2, -1), pb)
+                    elif split:
+                        torch.matmul(d_out[w].transpose(-2, -1), pb, out=d_v_t[w])
+                    else:
+                        d_v_t = torch.matmul(d_out.transpose(-2, -1), pb)
+                ds = torch.matmul(do_x[w, :, rows], v_t[w]).mul_(pb)
+                if out is None:
+                    ds.addcmul_(pb, ds.sum(-1, keepdim=True), value=-1.0)
+                del pb
+                if need_k:
+                    if step < n1:
+                        _accumulate_rows(d_k_t, w, start, q[w, :, rows].transpose(-2, -1), ds)
+                    elif split:
+                        torch.matmul(q[w].transpose(-2, -1), ds, out=d_k_t[w])
+                    else:
+                        d_k_t = torch.matmul(q.transpose(-2, -1), ds)
+                if need_q:
+                    if step < n1:
+                        d_q[w, :, rows] = torch.matmul(ds, k[w])
+                    elif split:
+                        torch.matmul(ds, k[w], out=d_q[w])
+                    else:
+                        d_q = torch.matmul(ds, k)
+                if need_values:
+                    ds_sum = ds[0] if ds.shape[0] == 1 else ds.sum(0)
+                    if d_bias is not None:
+                        d_bias[:, rows].add_(ds_sum)
+                    else:
+                        d_values.index_add_(1, index[rows].reshape(-1), ds_sum.view(heads, -1))
+                del ds
+        if d_bias is not None:
+            d_values.index_add_(1, index.reshape(-1), d_bias.view(heads, -1))
         d_k = None if d_k_t is None else d_k_t.transpose(-2, -1)
         d_v = None if d_v_t is None else d_v_t.transpose(-2, -1)
         if plan is not None:  # back to the keys' own order
             d_k = None if d_k is None else d_k.flip(-2)
             d_v = None if d_v is None else d_v.flip(-2)
         return d_q, d_k, d_v, d_values, None, None, None, None
+
+
+def _backward_blocks(n: int, row_bytes: int, n1: int, multiple: int = 16,
+                     mask_windows: Optional[int] = None) -> Tuple[int, int]:
+    """``(windows, rows)`` per block of the CPU backward over (n, heads, N1, N2) logits of
+    ``row_bytes`` per window row: all of them where they fit :data:`_BACKWARD_BLOCK_BYTES`
+    (half as much again), else blocks of whole windows where one window fits, so that the
+    products dV^T = dO^T P and dK^T = q^T dS run over all N1 rows at once (row blocks of
+    several windows split them into sums of short products: GRL-S's 32x32 windows at 128x128
+    took 64-row blocks). Windows per block divide ``mask_windows`` or are a multiple of it (a
+    region mask added to the logits, per window). Only a single window larger than the budget
+    goes in blocks of rows (:func:`_block_rows`)."""
+    limit = _BACKWARD_BLOCK_BYTES * 3 // 2
+    window = row_bytes * n1
+    if window * n <= limit:
+        return n, n1
+    if window > limit:
+        return 1, _block_rows(row_bytes, n1, multiple)
+    blocks = -(-window * n // _BACKWARD_BLOCK_BYTES)
+    windows = -(-n // blocks)
+    if mask_windows:
+        if windows >= mask_windows:
+            windows = windows // mask_windows * mask_windows
+        else:
+            windows = max(d for d in range(1, windows + 1) if mask_windows % d == 0)
+    return windows, n1
+
+
+def _accumulate_rows(acc: Optional[torch.Tensor], w: slice, start: int, a: torch.Tensor,
+                     b: torch.Tensor) -> None:
+    """``acc[w] (+)= a @ b``: the first row block (``start`` 0) writes, the others add."""
+    if start == 0:
+        torch.matmul(a, b, out=acc[w])
+    else:
+        _accumulate(acc[w], a, b)
 
 
 def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
