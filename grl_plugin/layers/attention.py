@@ -743,23 +743,13 @@ class _LeanAttention(torch.autograd.Function):
                     pb = _probs_(_logits_block(qx[w], kx_t[w], bias, w_mask,
                                                None if lse is None else lse[w], rows))
                 if need_v:
-                    if step < n1:
-                        _accumulate_rows(d_v_t, w, start, d_out[w, :, rows].transpose(-2, -1), pb)
-                    elif split:
-                        torch.matmul(d_out[w].transpose(-2, -1), pb, out=d_v_t[w])
-                    else:
-                        d_v_t = torch.matmul(d_out.transpose(-2, -1), pb)
+                    d_v_t = _transposed_grad(d_v_t, w, rows, step < n1, d_out, pb)
                 ds = torch.matmul(do_x[w, :, rows], v_t[w]).mul_(pb)
                 if out is None:
                     ds.addcmul_(pb, ds.sum(-1, keepdim=True), value=-1.0)
                 del pb
                 if need_k:
-                    if step < n1:
-                        _accumulate_rows(d_k_t, w, start, q[w, :, rows].transpose(-2, -1), ds)
-                    elif split:
-                        torch.matmul(q[w].transpose(-2, -1), ds, out=d_k_t[w])
-                    else:
-                        d_k_t = torch.matmul(q.transpose(-2, -1), ds)
+                    d_k_t = _transposed_grad(d_k_t, w, rows, step < n1, q, ds)
                 if need_q:
                     if step < n1:
                         d_q[w, :, rows] = torch.matmul(ds, k[w])
@@ -810,13 +800,20 @@ def _backward_blocks(n: int, row_bytes: int, n1: int, multiple: int = 16,
     return windows, n1
 
 
-def _accumulate_rows(acc: Optional[torch.Tensor], w: slice, start: int, a: torch.Tensor,
-                     b: torch.Tensor) -> None:
-    """``acc[w] (+)= a @ b``: the first row block (``start`` 0) writes, the others add."""
-    if start == 0:
-        torch.matmul(a, b, out=acc[w])
+def _transposed_grad(acc: Optional[torch.Tensor], w: slice, rows: slice, row_blocks: bool,
+                     x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A block's share of ``x^T @ y`` (dV^T = dO^T P, dK^T = q^T dS) for windows ``w`` and
+    ``rows`` of ``x``: written into ``acc[w]`` (``acc`` is the whole gradient, allocated when
+    there are several blocks), added to it for every row block after the first
+    (``row_blocks``), or returned as the whole (``acc`` ``None``: one block)."""
+    a = x[w, :, rows].transpose(-2, -1)
+    if acc is None:
+        return torch.matmul(a, y)
+    if row_blocks and rows.start:
+        _accumulate(acc[w], a, y)
     else:
-        _accumulate(acc[w], a, b)
+        torch.matmul(a, y, out=acc[w])
+    return acc
 
 
 def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
