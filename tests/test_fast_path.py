@@ -1207,26 +1207,35 @@ def test_backward_blocks_of_whole_windows():
     assert blocks(3, 2 * budget // 1024, 1024) == (1, 512)
 
 
+@pytest.mark.parametrize("save_probs", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_lean_attention_backward_in_window_blocks_matches_reference(masked, monkeypatch):
+def test_lean_attention_backward_in_window_blocks_matches_reference(masked, save_probs, monkeypatch):
     """Blocks of whole windows (forced: 6 windows of 72 x 24 logits, 2 or 3 per block; the
     region mask of 3 windows added per window needs 1 or 3): every block recomputes all rows
-    of its windows, and the gradients (q, k, v and the bias MLP's, summed over the blocks)
-    equal the reference's."""
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [False])
+    of its windows (or slices them from the kept P), and the gradients (q, k, v and the bias
+    MLP's, summed over the blocks) equal the reference's."""
+    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    monkeypatch.setattr(attention_mod, "_keep_probs", lambda *a: save_probs)
     t, table, index, mask, (q, k, v) = _attention_inputs(masked, n1=72, n2=24)
     window = 2 * 24 * 4 * 72
     blocks = []
     real = attention_mod._logits_block
     monkeypatch.setattr(attention_mod, "_logits_block",
                         lambda *a: (blocks.append((a[0].shape[0], a[-1])), real(*a))[1])
+    chosen = []
+    real_blocks = attention_mod._backward_blocks
+    monkeypatch.setattr(attention_mod, "_backward_blocks",
+                        lambda *a: (chosen.append(real_blocks(*a)), chosen[-1])[1])
     leaves = [q, k, v] + list(t.parameters())
     for budget, per_block in [(2 * window, 1 if masked else 2), (3 * window, 3)]:
         monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", budget)
         out = cosine_attention(q, k, v, t, table, index, mask)
         blocks.clear()
+        chosen.clear()
         got = torch.autograd.grad((out * out.detach().cos()).sum(), leaves)
-        assert [(n, b.start, b.stop) for n, b in blocks] == [(per_block, 0, 72)] * (6 // per_block)
+        assert chosen == [(per_block, 72)]
+        assert [(n, b.start, b.stop) for n, b in blocks] == (
+            [] if save_probs else [(per_block, 0, 72)] * (6 // per_block))
         ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
         want = torch.autograd.grad((ref * ref.detach().cos()).sum(), leaves)
         for a, b in zip(got, want):
