@@ -71,7 +71,7 @@ _LARGE_INDEX_MIN = 1 << 16
 # and 64x64-stripe attentions took 0.82-0.97 of the unblocked time; 4 MiB blocks were within
 # the noise of 8 MiB, 2 MiB slower on the larger head dims. Blocks of whole windows rather
 # than of rows across all windows: GRL-S@sr training at 128x128 (16 windows, 64-row blocks
-# before) 0.909 (4 interleaved rounds), at 64x64 0.97-0.99 (noise), GRL-B@sr 64x64 1.003.
+# before) 0.909 (4 interleaved rounds), at 64x64 0.89-0.99 (noise), GRL-B@sr 64x64 1.003.
 _BACKWARD_BLOCK_BYTES = 8 * 2 ** 20
 # Table cells per block of the CPB MLP (:class:`_CpbPlan`): blocks of 2 MiB at GRL's hidden
 # width 512, whose passes stay in the cache (forward + backward of the 63x63 and 79x79 tables,
@@ -715,9 +715,10 @@ class _LeanAttention(torch.autograd.Function):
             v_t = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1).transpose(-2, -1).contiguous()
         else:  # P * dP, then minus P * its row sums
             do_x, v_t = d_out, v.transpose(-2, -1).contiguous()
+        # (a mask left to add per window, only where P is recomputed, constrains the window blocks)
         windows, step = _backward_blocks(n, heads * n2 * q.element_size(), n1,
                                          16 if plan is None else math.lcm(16, plan[1][1]),
-                                         None if mask is None else mask.shape[0])
+                                         None if mask is None or p is not None else mask.shape[0])
         # dV and dK are accumulated transposed, dV^T += dO^T P and dK^T += q^T dS: the same sums,
         # 1.2-2.4x faster than P^T dO and dS^T q (whose first operand is a transposed view)
         d_q = d_k_t = d_v_t = None
@@ -733,7 +734,7 @@ class _LeanAttention(torch.autograd.Function):
         for first in range(0, n, windows):
             w = slice(first, first + windows)
             w_mask = mask
-            if mask is not None and windows % mask.shape[0]:  # windows divides the mask's count
+            if p is None and mask is not None and windows % mask.shape[0]:  # a divisor of its count
                 w_mask = mask[first % mask.shape[0]:][:windows]
             for start in range(0, n1, step):
                 rows = slice(start, start + step)
@@ -743,13 +744,13 @@ class _LeanAttention(torch.autograd.Function):
                     pb = _probs_(_logits_block(qx[w], kx_t[w], bias, w_mask,
                                                None if lse is None else lse[w], rows))
                 if need_v:
-                    d_v_t = _transposed_grad(d_v_t, w, rows, step < n1, d_out, pb)
+                    d_v_t = _transposed_grad(d_v_t, w, rows, d_out, pb)
                 ds = torch.matmul(do_x[w, :, rows], v_t[w]).mul_(pb)
                 if out is None:
                     ds.addcmul_(pb, ds.sum(-1, keepdim=True), value=-1.0)
                 del pb
                 if need_k:
-                    d_k_t = _transposed_grad(d_k_t, w, rows, step < n1, q, ds)
+                    d_k_t = _transposed_grad(d_k_t, w, rows, q, ds)
                 if need_q:
                     if step < n1:
                         d_q[w, :, rows] = torch.matmul(ds, k[w])
@@ -800,16 +801,16 @@ def _backward_blocks(n: int, row_bytes: int, n1: int, multiple: int = 16,
     return windows, n1
 
 
-def _transposed_grad(acc: Optional[torch.Tensor], w: slice, rows: slice, row_blocks: bool,
-                     x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _transposed_grad(acc: Optional[torch.Tensor], w: slice, rows: slice, x: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
     """A block's share of ``x^T @ y`` (dV^T = dO^T P, dK^T = q^T dS) for windows ``w`` and
     ``rows`` of ``x``: written into ``acc[w]`` (``acc`` is the whole gradient, allocated when
-    there are several blocks), added to it for every row block after the first
-    (``row_blocks``), or returned as the whole (``acc`` ``None``: one block)."""
+    there are several blocks), added to it for the row blocks after a window's first (rows
+    not starting at 0), or returned as the whole (``acc`` ``None``: one block)."""
     a = x[w, :, rows].transpose(-2, -1)
     if acc is None:
         return torch.matmul(a, y)
-    if row_blocks and rows.start:
+    if rows.start:
         _accumulate(acc[w], a, y)
     else:
         torch.matmul(a, y, out=acc[w])
