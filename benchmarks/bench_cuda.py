@@ -299,6 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny, batch 2 x 32^2, memory at 64^2, 1 warm-up, 1 repeat, mm 256")
     p.add_argument("--json", type=str, default=None, help="also write all rows to this JSON file")
+    p.add_argument("--tf32", action="store_true",
+                   help="let fp32 products and convolutions run in TF32 (default: off, so fp32 is fp32)")
     args = p.parse_args(argv)
     torch, _ = _imports()
     device = torch.device(args.device)
@@ -309,6 +311,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.configs, args.batch, args.patch, args.mem_sizes = ["tiny"], 2, 32, [64]
         args.repeats, args.warmup, args.mm_size = 1, 1, 256
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     tf32 = (f", tf32 matmul {torch.backends.cuda.matmul.allow_tf32} cudnn {torch.backends.cudnn.allow_tf32}"
             if device.type == "cuda" else "")
