@@ -66,13 +66,19 @@ def _onednn_faster_on(capability: str, cpuinfo: str) -> bool:
 _ONEDNN_FASTER = _onednn_faster_on(torch.backends.cpu.get_cpu_capability(), _read_cpuinfo())
 
 
+_MKLDNN = torch.backends.mkldnn.is_available()
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` takes the oneDNN route for ``x``: float32 CPU tokens, enough rows,
+    not under autocast, and not under ``torch.compile``, which picks its own kernels (and cannot
+    trace ``torch.backends.mkldnn.is_available``: a graph break in every product)."""
     enabled = _ENABLED[0]
     if enabled is None:
         enabled = onednn_linear_faster()
-    return (enabled and x.device.type == "cpu" and x.dtype == torch.float32
+    return (enabled and _MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.dim() >= 2 and x.numel() >= _MIN_ROWS * x.shape[-1]
-            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def _as_map(x: torch.Tensor) -> torch.Tensor:
