@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import CONFIGS, _rule  # noqa: E402
@@ -58,8 +59,10 @@ def _imports():
     return torch, GRL
 
 
-def build(config: str, impls, device, seed: int = 0) -> dict:
-    """``impls`` of ``config`` with identical weights, on ``device``."""
+def build(config: str, impls, device, seed: int = 0, compile_mode: Optional[str] = None) -> dict:
+    """``impls`` of ``config`` with identical weights, on ``device``; with ``compile_mode``
+    each wrapped in ``torch.compile(mode=compile_mode)`` (``"default"``, ``"reduce-overhead"``:
+    CUDA graphs, ...)."""
     torch, GRL = _imports()
     torch.manual_seed(seed)
     state = GRL(**CONFIGS[config]).state_dict()
@@ -71,7 +74,7 @@ def build(config: str, impls, device, seed: int = 0) -> dict:
             for mod in m.modules():
                 if hasattr(mod, "use_checkpoint"):
                     mod.use_checkpoint = True
-        models[impl] = m.to(device)
+        models[impl] = m.to(device) if compile_mode is None else torch.compile(m.to(device), mode=compile_mode)
     return models
 
 
@@ -149,13 +152,16 @@ def _is_oom(torch, err: BaseException) -> bool:
     return (oom and isinstance(err, oom)) or "out of memory" in str(err).lower()
 
 
-def throughput(config: str, dtype: str, device, batch: int, patch: int, repeats: int, warmup: int) -> dict:
-    """Table 1 row: images/s of eval forward and training step, fast vs reference."""
+def throughput(config: str, dtype: str, device, batch: int, patch: int, repeats: int, warmup: int,
+               compile_mode: Optional[str] = None) -> dict:
+    """Table 1 row: images/s of eval forward and training step, fast vs reference (both
+    compiled with ``compile_mode`` when given)."""
     torch, _ = _imports()
-    models = build(config, IMPLS, device)
+    models = build(config, IMPLS, device, compile_mode=compile_mode)
     torch.manual_seed(1)
     x = torch.rand(batch, 3, patch, patch, device=device)
-    outs = {k: _fwd(torch, m, x, dtype).float() for k, m in models.items()}
+    # (cloned: a CUDA-graph replay may reuse an output's memory)
+    outs = {k: _fwd(torch, m, x, dtype).float().clone() for k, m in models.items()}
     delta = float((outs["fast"] - outs["reference"]).abs().max())
     target = torch.rand_like(outs["fast"])
     del outs
@@ -169,7 +175,7 @@ def throughput(config: str, dtype: str, device, batch: int, patch: int, repeats:
         with _Peak(torch, device) as p:
             _train_step(torch, m, opts[k], x, target, dtype)
         peak[k] = p.mib
-    row = {"config": config, "dtype": dtype, "batch": batch, "patch": patch, "delta": delta,
+    row = {"config": config, "dtype": dtype, "batch": batch, "patch": patch, "compile": compile_mode, "delta": delta,
            "fwd_s": fwd, "train_s": train, "train_peak_mib": peak}
     del models, opts
     _free(torch, device)
@@ -257,7 +263,7 @@ def format_throughput(rows) -> str:
     cells = []
     for r in rows:
         f, t, p, b = r["fwd_s"], r["train_s"], r["train_peak_mib"], r["batch"]
-        cells.append([r["config"], r["dtype"], f"{b}x{r['patch']}x{r['patch']}",
+        cells.append([r["config"] + (f" (compiled, {r['compile']})" if r.get("compile") else ""), r["dtype"], f"{b}x{r['patch']}x{r['patch']}",
                       f"{b / f['reference']:.1f}", f"{b / f['fast']:.1f}", f"{f['fast'] / f['reference']:.2f}",
                       f"{b / t['reference']:.1f}", f"{b / t['fast']:.1f}", f"{t['fast'] / t['reference']:.2f}",
                       f"{_fmt(p['reference'], '.0f')}/{_fmt(p['fast'], '.0f')}", _ratio(p["fast"], p["reference"]),
@@ -299,6 +305,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny, batch 2 x 32^2, memory at 64^2, 1 warm-up, 1 repeat, mm 256")
     p.add_argument("--json", type=str, default=None, help="also write all rows to this JSON file")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="torch.compile both paths for the throughput table with this mode (default, "
+                        "reduce-overhead = CUDA graphs, max-autotune); the warm-up rounds compile")
     p.add_argument("--tf32", action="store_true",
                    help="let fp32 products and convolutions run in TF32 (default: off, so fp32 is fp32)")
     args = p.parse_args(argv)
@@ -316,7 +325,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     tf32 = (f", tf32 matmul {torch.backends.cuda.matmul.allow_tf32} cudnn {torch.backends.cudnn.allow_tf32}"
             if device.type == "cuda" else "")
-    print(f"# torch {torch.__version__}, {name}{tf32}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    compiled = f", torch.compile mode {args.compile}" if args.compile else ""
+    print(f"# torch {torch.__version__}, {name}{tf32}{compiled}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
     results = {"throughput": [], "memory": [], "flops": []}
 
     def save():
@@ -327,7 +337,7 @@ def main(argv=None) -> int:
     for config in args.configs:
         flops = count_flops(config, device, args.batch, args.patch)
         for dt in args.dtypes:
-            row = throughput(config, dt, device, args.batch, args.patch, args.repeats, args.warmup)
+            row = throughput(config, dt, device, args.batch, args.patch, args.repeats, args.warmup, args.compile)
             results["throughput"].append(row)
             results["flops"].append({"config": config, "dtype": dt, "batch": args.batch, "patch": args.patch,
                                      "gflop": flops / 1e9, "gflops": flops / row["fwd_s"]["fast"] / 1e9,

@@ -58,3 +58,23 @@ def test_no_cuda_is_one_clear_line():
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--device cuda" in lines[0] and "no CUDA device" in lines[0]
+
+
+def test_compile_option_wraps_both_paths(monkeypatch):
+    """``--compile MODE``: both paths of the throughput table go through ``torch.compile`` with
+    that mode (a spy here: compiling takes minutes on a CPU), and the row and table say so."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_cuda
+    modes = []
+
+    def spy(module, mode=None):
+        modes.append(mode)
+        return module
+    monkeypatch.setattr(torch, "compile", spy)
+    row = bench_cuda.throughput("tiny", "fp32", torch.device("cpu"), 1, 16, 1, 0, compile_mode="reduce-overhead")
+    assert modes == ["reduce-overhead"] * 2 and row["compile"] == "reduce-overhead"
+    assert row["delta"] <= 1e-4
+    assert "| tiny (compiled, reduce-overhead) | fp32 |" in bench_cuda.format_throughput([row])
+    plain = bench_cuda.throughput("tiny", "fp32", torch.device("cpu"), 1, 16, 1, 0)
+    assert modes == ["reduce-overhead"] * 2 and plain["compile"] is None
+    assert "| tiny | fp32 |" in bench_cuda.format_throughput([plain])
