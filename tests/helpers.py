@@ -235,3 +235,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+def assert_same_training_step(ref, fast, x, tol: float, check_output=None) -> None:
+    """One L1 training step of ``ref`` and ``fast`` (same weights) on ``x``: equal losses and,
+    parameter by parameter, gradients within ``tol`` relative to the reference's largest
+    (at least 1). ``check_output(model, out)`` is called on each forward's output."""
+    losses = []
+    for m in (ref, fast):
+        out = m(x)
+        if check_output is not None:
+            check_output(m, out)
+        loss = out.abs().mean()
+        loss.backward()
+        losses.append(float(loss.detach()))
+    assert abs(losses[0] - losses[1]) <= tol
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        g, gf = p.grad, fast_params[name].grad
+        assert gf is not None and (g - gf).abs().max() <= tol * max(1.0, float(g.abs().max())), name

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from grl_plugin.archs.grl_arch import GRL
+from helpers import assert_same_training_step
 
 DEVICE = torch.device(os.environ.get("GRL_TEST_CUDA_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
@@ -67,16 +68,7 @@ def test_eval_fast_equals_reference(name):
 @pytest.mark.parametrize("name", sorted(NETS))
 def test_train_step_fast_equals_reference(name):
     ref, fast, x = _pair(name)
-    losses = []
-    for m in (ref.train(), fast.train()):
-        loss = m(x).abs().mean()
-        loss.backward()
-        losses.append(float(loss.detach()))
-    assert abs(losses[0] - losses[1]) <= TOL
-    fast_params = dict(fast.named_parameters())
-    for pname, p in ref.named_parameters():
-        g, gf = p.grad, fast_params[pname].grad
-        assert gf is not None and (g - gf).abs().max() <= TOL * max(1.0, float(g.abs().max())), pname
+    assert_same_training_step(ref.train(), fast.train(), x, TOL)
 
 
 def test_bf16_autocast_close_to_fp32_and_trains():
