@@ -88,15 +88,16 @@ def test_cpb_mlp_blocks_only_on_the_cpu():
     device, standing for a GPU) every table is one piece, with no grid form, as
     ``torch.compile`` sees it."""
     cells = 127 * 127  # the 64 x 64 stripes' table
-    assert not attention_mod._one_block(torch.empty(0), cells)
-    assert attention_mod._one_block(torch.empty(0), attention_mod._CPB_BLOCK_CELLS * 3 // 2)
+    assert not attention_mod._one_block(torch.empty(cells, 2))
+    assert attention_mod._one_block(torch.empty(1, attention_mod._CPB_BLOCK_CELLS * 3 // 2, 1, 2))
+    assert not attention_mod._one_block(torch.empty(1, attention_mod._CPB_BLOCK_CELLS * 3 // 2 + 1, 1, 2))
     t = AffineTransform(2)
     w1, b1 = t.cpb_mlp[0].weight, t.cpb_mlp[0].bias
     grid = coords_table((64, 64), 1, torch.device("cpu"))
     assert attention_mod._grid_shape(grid) == (127, 127)
     assert len(attention_mod._CpbPlan(grid.reshape(-1, 2), w1, b1, (127, 127)).blocks) == 16
     meta = grid.to("meta")
-    assert attention_mod._one_block(meta, cells) and attention_mod._grid_shape(meta) is None
+    assert attention_mod._one_block(meta) and attention_mod._grid_shape(meta) is None
     plan = attention_mod._CpbPlan(meta.reshape(-1, 2), w1.to("meta"), b1.to("meta"), None)
     assert plan.blocks == [slice(0, cells)] and plan.A is None
     out = attention_mod._cpb_forward(meta.reshape(-1, 2), w1.to("meta"), b1.to("meta"), t.cpb_mlp[2].weight.to("meta"))

@@ -287,7 +287,7 @@ def _grid_shape(table: torch.Tensor) -> Optional[Tuple[int, int]]:
     the grid form of :class:`_CpbPlan`; ``None`` for other tables, tables of one block, and
     under ``torch.compile`` and tracing, all of which take the plain MLP."""
     if (table.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or _one_block(table, table.shape[1] * table.shape[2])):
+            or _one_block(table)):
         return None
     from .geometry import grid_shape
     return grid_shape(table)
@@ -300,12 +300,12 @@ def _cpb_mlp(t, w1, b1, w2) -> torch.Tensor:
     return torch.mm(w2, torch.addmm(b1, t, w1.t()).relu_().t())
 
 
-def _one_block(t: torch.Tensor, cells: int) -> bool:
-    """Whether the MLP goes through a table of ``cells`` cells (``t``: a tensor on its device)
-    in one piece: up to 1.5 blocks, and always off the CPU (the blocks keep a CPU core's cache
-    warm; on a GPU each would be a few more kernel launches: GRL-S@sr's training step on an
-    H200 launched ~2x the reference's kernels with them, for 16-cell-row blocks of 16129 cells)."""
-    return t.device.type != "cpu" or cells <= _CPB_BLOCK_CELLS * 3 // 2
+def _one_block(table: torch.Tensor) -> bool:
+    """Whether the MLP goes through ``table`` (its coordinates, (..., 2)) in one piece: up to 1.5
+    blocks of cells, and always off the CPU (the blocks keep a CPU core's cache warm; on a GPU
+    each is a few more kernel launches and, under autocast, a cast of the weights: GRL-S@sr's
+    bf16 training step on an H200 made 1,920 matrix-product calls with them, 528 without)."""
+    return table.device.type != "cpu" or table.numel() // 2 <= _CPB_BLOCK_CELLS * 3 // 2
 
 
 class _CpbPlan:
@@ -323,9 +323,9 @@ class _CpbPlan:
     def __init__(self, t, w1, b1, grid):
         self.t, self.w1, self.b1, self.grid = t, w1, b1, grid
         cells = t.shape[0]
-        if grid is None or _one_block(t, cells):
+        if grid is None or _one_block(t):
             self.A = None
-            step = cells if _one_block(t, cells) else _CPB_BLOCK_CELLS
+            step = cells if _one_block(t) else _CPB_BLOCK_CELLS
             self.blocks = [slice(i, i + step) for i in range(0, cells, step)]
         else:
             rows, cols = grid
@@ -396,7 +396,7 @@ class _CpbPlan:
 
 def _cpb_forward(t, w1, b1, w2, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """:func:`_cpb_mlp` block by block (:class:`_CpbPlan`): (heads, T)."""
-    if _one_block(t, t.shape[0]) or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if _one_block(t) or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return _cpb_mlp(t, w1, b1, w2)
     plan = _CpbPlan(t, w1, b1, grid)
     return torch.cat([torch.mm(plan.hidden(cells), w2.t()) for cells in plan.blocks]).t().contiguous()
