@@ -30,8 +30,6 @@ NETS = {
                      window_size=16, stripe_size=[32, 32], stripe_shift=True, anchor_window_down_factor=2,
                      mlp_ratio=2, upscale=2, upsampler="pixelshuffle", drop_path_rate=0.0, local_connection=True),
 }
-SIZES = {"w8": 32, "w16_hd15": 64}
-
 
 @pytest.fixture(autouse=True)
 def strict_fp32():
@@ -51,7 +49,8 @@ def _pair(name: str):
     fast = GRL(attn_impl="sdpa", **NETS[name])
     fast.load_state_dict(ref.state_dict())
     torch.manual_seed(1)
-    x = torch.rand(2, 3, SIZES[name], SIZES[name], device=DEVICE)
+    size = NETS[name]["img_size"]
+    x = torch.rand(2, 3, size, size, device=DEVICE)
     return ref.to(DEVICE), fast.to(DEVICE), x
 
 
@@ -116,7 +115,7 @@ def test_fused_kernel_and_no_host_copies(name):
         names = _profile(fn)
         assert any("efficient_attention" in n for n in names), fn.__name__
         assert not any("_scaled_dot_product_attention_math" in n for n in names), fn.__name__
-        copies = [n for n in names if "HtoD" in n or "Memcpy HtoD" in n]
+        copies = [n for n in names if "HtoD" in n]  # "Memcpy HtoD (Pageable -> Device)", ...
         assert not copies, (fn.__name__, copies[:5])
 
 

@@ -323,9 +323,10 @@ class _CpbPlan:
     def __init__(self, t, w1, b1, grid):
         self.t, self.w1, self.b1, self.grid = t, w1, b1, grid
         cells = t.shape[0]
-        if grid is None or _one_block(t):
+        one = _one_block(t)
+        if grid is None or one:
             self.A = None
-            step = cells if _one_block(t) else _CPB_BLOCK_CELLS
+            step = cells if one else _CPB_BLOCK_CELLS
             self.blocks = [slice(i, i + step) for i in range(0, cells, step)]
         else:
             rows, cols = grid

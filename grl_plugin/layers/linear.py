@@ -5,9 +5,10 @@ oneDNN. MKL runs its AVX-512 kernels on Intel CPUs only; on an AMD CPU with AVX-
 reaches half of oneDNN's rate on GRL's shapes (measured on a 2-core AMD EPYC VM with AVX-512,
 float32, 4096 tokens, C=180: 110-170 GFLOP/s for ``F.linear``, 320-370 for the same product as
 a 1x1 convolution; on the Zen 4 VMs of sessions 18-22, whose oneDNN rate is lower, 110-179
-against 146-188 over GRL's (4096, C) x (C, N) shapes, the gap largest at C=180 -> 540). A Linear applied to (..., C) tokens *is* a 1x1 convolution of the tokens
-seen as a channels-last map, and :func:`linear` hands it to oneDNN as one without copying: the
-tokens are viewed as a (1, C, 1, M) channels-last map and the (N, C) weight as (N, C, 1, 1).
+against 146-188 over GRL's (4096, C) x (C, N) shapes, the gap largest at C=180 -> 540). A
+Linear applied to (..., C) tokens *is* a 1x1 convolution of the tokens seen as a channels-last
+map, and :func:`linear` hands it to oneDNN as one without copying: the tokens are viewed as a
+(1, C, 1, M) channels-last map and the (N, C) weight as (N, C, 1, 1).
 The result is the same product (float32 rounding aside: max |difference| ~1e-6 at C=360).
 :func:`linear_gelu` adds the MLP's GELU to the product inside oneDNN when no gradient is needed.
 
