@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from grl_plugin.archs.grl_arch import GRL
 from helpers import assert_same_training_step
 from grl_plugin.layers import attention as attention_mod
+from grl_plugin.layers import cpb as cpb_mod
 from grl_plugin.layers.attention import AffineTransform, cosine_attention
 from grl_plugin.layers import geometry as geometry_mod
 from grl_plugin.layers.geometry import coords_table
@@ -40,38 +41,36 @@ def test_position_bias_gather_matches_advanced_indexing_with_grads():
         assert (a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max()))
 
 
-@pytest.mark.parametrize("grid", [False, True])
-@pytest.mark.parametrize("blocked", [False, True])
-def test_cpb_mlp_function_gradcheck_and_frozen_parts(blocked, grid, monkeypatch):
-    """The hand-written MLP backward (hidden layer recomputed) against autograd, float64; on a
-    5 x 6 coordinate grid (separable first layer) and on 30 scattered cells; also going
-    through the table in blocks (forced: blocks of 8 cells, the last 6; on the grid blocks of
-    two grid rows, the last one row)."""
-    if blocked:
-        monkeypatch.setattr(attention_mod, "_CPB_BLOCK_CELLS", 12 if grid else 8)
+def _grid_table(rows_values, cols_values):
+    """(1, rows, cols, 2) coordinate grid: cell (i, j) = (rows_values[i], cols_values[j])."""
+    return torch.stack(torch.meshgrid(rows_values, cols_values, indexing="ij"), -1)[None]
+
+
+@pytest.mark.parametrize("form", ["plain", "grid", "grid_unsorted"])
+def test_cpb_mlp_function_gradcheck_and_frozen_parts(form):
+    """The MLP Function's hand-written backward against autograd (float64 gradcheck): the plain
+    form (hidden layer recomputed) on 30 scattered cells, the grid form on a 5 x 6 grid with
+    ascending and with shuffled columns; with only some weights trainable, the others get no
+    gradient and the rest the same as autograd's."""
     torch.manual_seed(5)
-    if grid:
-        table = torch.stack(torch.meshgrid(torch.randn(5, dtype=torch.float64),
-                                           torch.randn(6, dtype=torch.float64), indexing="ij"), -1)[None]
-        shape = attention_mod._grid_shape(table)
-        assert shape == ((5, 6) if blocked else None)  # (one block: the plain product)
-        t, shape = table.reshape(-1, 2), (5, 6)
+    if form == "plain":
+        t, axes = torch.randn(30, 2, dtype=torch.float64), None
+        assert cpb_mod.grid_axes(t.view(1, 5, 6, 2)) is None  # (no grid)
     else:
-        t, shape = torch.randn(30, 2, dtype=torch.float64), None
-        assert attention_mod._grid_shape(t.view(1, 5, 6, 2)) is None
+        cols = torch.randn(6, dtype=torch.float64)
+        cols = cols.sort().values if form == "grid" else cols
+        table = _grid_table(torch.randn(5, dtype=torch.float64), cols)
+        axes = geometry_mod.grid_axes(table)  # (cpb.grid_axes: None, the table is small)
+        assert cpb_mod.grid_axes(table) is None and (axes.order is None) == (form == "grid")
+        assert torch.equal(axes.b, cols.sort().values)
+        t = table.reshape(-1, 2)
     w1, b1 = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
-    blocks = attention_mod._CpbPlan(t, w1, b1, shape).blocks
-    expected_blocks = [(0, 30)]
-    if blocked:
-        expected_blocks = [(0, 12), (12, 24), (24, 30)] if grid else [(0, 8), (8, 16), (16, 24), (24, 30)]
-    assert [(b.start, min(b.stop, 30)) for b in blocks] == expected_blocks
     w2 = torch.randn(3, 16, dtype=torch.float64)
     params = [x.requires_grad_() for x in (w1, b1, w2)]
-    assert torch.autograd.gradcheck(lambda *p: attention_mod._CpbMlp.apply(t, *p, shape), params)
-    # only some parts trainable: the others get no gradient, the rest the same as autograd's
+    assert torch.autograd.gradcheck(lambda *p: cpb_mod.CpbMlp.apply(t, *p, axes), params)
     for frozen in (w1, b1):
         frozen.requires_grad_(False)
-        out = attention_mod._CpbMlp.apply(t, w1, b1, w2, shape)
+        out = cpb_mod.CpbMlp.apply(t, w1, b1, w2, axes)
         g = torch.randn_like(out)
         wanted = [x for x in (w1, b1, w2) if x.requires_grad]
         got = torch.autograd.grad((out * g).sum(), wanted)
@@ -83,25 +82,69 @@ def test_cpb_mlp_function_gradcheck_and_frozen_parts(blocked, grid, monkeypatch)
         frozen.requires_grad_(True)
 
 
-def test_cpb_mlp_blocks_only_on_the_cpu():
-    """The CPB MLP goes through large tables in blocks on the CPU only: off it (here the meta
-    device, standing for a GPU) every table is one piece, with no grid form, as
-    ``torch.compile`` sees it."""
-    cells = 127 * 127  # the 64 x 64 stripes' table
-    assert not attention_mod._one_block(torch.empty(cells, 2))
-    assert attention_mod._one_block(torch.empty(1, attention_mod._CPB_BLOCK_CELLS * 3 // 2, 1, 2))
-    assert not attention_mod._one_block(torch.empty(1, attention_mod._CPB_BLOCK_CELLS * 3 // 2 + 1, 1, 2))
-    t = AffineTransform(2)
-    w1, b1 = t.cpb_mlp[0].weight, t.cpb_mlp[0].bias
-    grid = coords_table((64, 64), 1, torch.device("cpu"))
-    assert attention_mod._grid_shape(grid) == (127, 127)
-    assert len(attention_mod._CpbPlan(grid.reshape(-1, 2), w1, b1, (127, 127)).blocks) == 16
-    meta = grid.to("meta")
-    assert attention_mod._one_block(meta) and attention_mod._grid_shape(meta) is None
-    plan = attention_mod._CpbPlan(meta.reshape(-1, 2), w1.to("meta"), b1.to("meta"), None)
-    assert plan.blocks == [slice(0, cells)] and plan.A is None
-    out = attention_mod._cpb_forward(meta.reshape(-1, 2), w1.to("meta"), b1.to("meta"), t.cpb_mlp[2].weight.to("meta"))
-    assert out.shape == (2, cells) and out.device.type == "meta"
+@pytest.mark.parametrize("window,df", [((32, 32), 1), ((64, 64), 4), ((64, 64), 1)])
+def test_cpb_grid_form_matches_plain_mlp_on_grl_tables(window, df):
+    """The grid form on GRL's large tables (32x32 windows, 64x64 stripes to their anchors, 64x64
+    windows): values and the weights' gradients equal the plain MLP's, also for channels that
+    switch exactly on a grid column (relu(0): off, no gradient, as autograd has it), channels
+    with no column slope (w1[c, 1] == 0, on everywhere or nowhere) and the columns reversed."""
+    table = coords_table(window, df, torch.device("cpu"))
+    rows, cols = table.shape[1:3]
+    axes = cpb_mod.grid_axes(table)
+    assert axes is not None and axes.order is None and axes.a.shape == (rows,) and axes.b.shape == (cols,)
+    torch.manual_seed(7)
+    lin1, lin2 = torch.nn.Linear(2, 512), torch.nn.Linear(512, 3, bias=False)
+    with torch.no_grad():
+        lin1.weight[:4, 1] = 0.0                        # no slope along the columns
+        lin1.bias[1], lin1.bias[3] = 0.3, -0.3          # on everywhere / nowhere (with w1[c, 0] = 0)
+        lin1.weight[1:4:2, 0] = 0.0
+        b = table[0, 0, :, 1]
+        lin1.weight[4:8] = torch.tensor([[0.0, 1.0], [0.0, -1.0], [0.0, 2.0], [0.0, -0.5]])
+        lin1.bias[4:8] = torch.stack([-b[5], b[9], -2 * b[cols // 2], 0.5 * b[-3]])  # edges on columns
+    w1, b1, w2 = lin1.weight, lin1.bias, lin2.weight
+    for tab in (table, table.flip(2).contiguous()):
+        t = tab.reshape(-1, 2)
+        ax = cpb_mod.grid_axes(tab)
+        out = cpb_mod.CpbMlp.apply(t, w1, b1, w2, ax)
+        plain = cpb_mod.cpb_mlp(t, w1, b1, w2)
+        assert out.shape == plain.shape and (out - plain).abs().max() <= 1e-5
+        with torch.no_grad():
+            assert torch.equal(cpb_mod.cpb_values(t, w1, b1, w2, ax), out.detach())
+        g = torch.randn_like(out)
+        got = torch.autograd.grad((out * g).sum(), [w1, b1, w2])
+        ref = torch.autograd.grad((plain * g).sum(), [w1, b1, w2])
+        for a, r in zip(got, ref):
+            assert (a - r).abs().max() <= 1e-5 * float(r.abs().max())
+        # exactly: the tie channels' first-layer gradients (the float64 sums: reference in float64)
+        w1d, b1d = w1.detach().double().requires_grad_(), b1.detach().double().requires_grad_()
+        ref64 = torch.autograd.grad((cpb_mod.cpb_mlp(t.double(), w1d, b1d, w2.double()) * g.double()).sum(),
+                                    [w1d, b1d])
+        for a, r in zip(got, ref64):
+            assert torch.allclose(a[:8].double(), r[:8], rtol=1e-6, atol=1e-9)
+
+
+def test_cpb_grid_form_only_for_large_cpu_grids():
+    """The grid form runs for grids of ``_GRID_MIN_CELLS`` cells and more on the CPU: not for GRL's
+    8x8 windows (15 x 15), tables that are no grid, and off the CPU (here the meta device,
+    standing for a GPU), which take the plain MLP, as ``torch.compile`` sees it; the axes are
+    found once per table."""
+    table = coords_table((64, 64), 1, torch.device("cpu"))
+    first = cpb_mod.grid_axes(table)
+    info = geometry_mod._grid_axes.cache_info()
+    assert cpb_mod.grid_axes(table) is first and cpb_mod.grid_axes(table) is first
+    assert geometry_mod._grid_axes.cache_info().hits == info.hits + 2
+    assert geometry_mod._grid_axes.cache_info().misses == info.misses
+    assert cpb_mod.grid_axes(coords_table((8, 8), 1, torch.device("cpu"))) is None
+    side = int(cpb_mod._GRID_MIN_CELLS ** 0.5) + 1
+    lin = torch.linspace(-1, 1, side)
+    assert cpb_mod.grid_axes(_grid_table(lin, lin)) is not None
+    assert cpb_mod.grid_axes(_grid_table(lin[:-2], lin[:-2])) is None  # below the size
+    assert cpb_mod.grid_axes(torch.randn(1, side, side, 2)) is None   # no grid
+    meta = table.to("meta")
+    assert cpb_mod.grid_axes(meta) is None
+    t = AffineTransform(2).to("meta")
+    out = t._bias_values(meta)
+    assert out.shape == (2, 127 * 127) and out.device.type == "meta"
 
 
 @pytest.mark.parametrize("table_kind", ["scattered", "window32"])
@@ -115,11 +158,7 @@ def test_bias_values_training_paths_agree(table_kind):
         table = torch.randn(1, 9, 9, 2)
     else:
         table = coords_table((32, 32), 1, torch.device("cpu"))
-        assert attention_mod._grid_shape(table) == (63, 63)
-        hits = geometry_mod._grid_shape.cache_info().hits
-        assert attention_mod._grid_shape(table) == (63, 63)  # checked once per table
-        assert geometry_mod._grid_shape.cache_info().hits == hits + 1
-        assert len(attention_mod._CpbPlan(table.reshape(-1, 2), *list(t.cpb_mlp[0].parameters()), (63, 63)).blocks) > 1
+        assert cpb_mod.grid_axes(table) is not None  # (the grid form)
     with torch.no_grad():
         expected = t.bias_values(table)
     values = t.bias_values(table)

@@ -1,6 +1,7 @@
 """GRL building blocks: pure PyTorch (+ einops), usable in any network.
 
 * :mod:`.attention` -- the one attention core (scaled cosine attention + continuous bias).
+* :mod:`.cpb` -- the continuous position-bias MLP, with its CPU form for coordinate grids.
 * :mod:`.geometry` -- tables, relative indices and masks, cached per (size, device).
 * :mod:`.linear` -- the fast path's token-wise products through oneDNN on CPU
   (:func:`set_onednn_linear`).

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cpb import CpbMlp, cpb_values, grid_axes
+
 ATTN_IMPLS = ("sdpa", "reference")
 _MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
 _BIAS_CACHE = {"enabled": True, "max_bytes": 512 * 2 ** 20}
@@ -73,11 +75,6 @@ _LARGE_INDEX_MIN = 1 << 16
 # than of rows across all windows: GRL-S@sr training at 128x128 (16 windows, 64-row blocks
 # before) 0.909 (4 interleaved rounds), at 64x64 0.89-0.99 (noise), GRL-B@sr 64x64 1.003.
 _BACKWARD_BLOCK_BYTES = 8 * 2 ** 20
-# Table cells per block of the CPB MLP (:class:`_CpbPlan`): blocks of 2 MiB at GRL's hidden
-# width 512, whose passes stay in the cache (forward + backward of the 63x63 and 79x79 tables,
-# interleaved on an AMD EPYC Zen 4 VM: blocks of 256 cells took 1.5-1.7x the time of 1,024,
-# 512 cells 1.1-1.2x, 2,048 cells 0.94-1.05x).
-_CPB_BLOCK_CELLS = 1024
 # The fused CPU kernel runs head dims that are multiples of 16 fastest (float32, 4 x 3 heads x
 # 1024 x 1024 with a bias, AMD EPYC Zen 4 VM, ms): 28 15, 30 17.3, 31 19.5, 32 13.8; 14 12.3,
 # 16 9.4; 60 23.5, 62 26.5, 64 22.9; but 24 (12.4) and 56 (20.5) beat 32 and 64. So on CPU q, k
@@ -200,8 +197,7 @@ class AffineTransform(nn.Module):
         with an (nW, N1, N2) region ``mask`` the sum bias + mask -> (nW, heads, N1, N2).
 
         Same values as :meth:`position_bias_reference`, computed head-major on the small
-        table: the MLP runs on the (T, 2) table as two plain matrix products giving (heads, T)
-        directly, the sigmoid is applied before the gather (it is elementwise), and the gather
+        table: the MLP gives (heads, T) directly (:meth:`bias_values`), the sigmoid is applied before the gather (it is elementwise), and the gather
         is one ``index_select`` (a faster kernel than advanced indexing, and a dense
         ``index_add_`` backward instead of ``index_put_(accumulate=True)``, which sorts the
         N1 * N2 index on every call). Cached while no gradient is needed (see
@@ -249,28 +245,29 @@ class AffineTransform(nn.Module):
     def bias_values(self, table: torch.Tensor) -> torch.Tensor:
         """16 * sigmoid(cpb_mlp(table)) for every table cell, head-major: (heads, T).
 
-        With autograd the MLP's (T, 512) hidden layer is recomputed in the backward instead of
-        staying in memory until then (8-13 MiB per attention module at the SR settings, more
-        than the attention itself keeps): by :class:`_CpbMlp` (its backward written out, ~40 %
-        less time than ``torch.utils.checkpoint`` on this small graph), or under autocast by
+        The MLP is :mod:`.cpb`'s: on CPU, for GRL's large windows and stripes, in its grid form
+        (no (T, 512) hidden layer at all); with autograd, by :class:`~.cpb.CpbMlp`, which keeps
+        no hidden layer for the backward (8-13 MiB per attention module at the SR settings,
+        more than the attention itself keeps), or under autocast outside the grid form by
         ``torch.utils.checkpoint``."""
         if torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.logit_scale.requires_grad:
             if self._bias_cache:  # training: the eval-time biases go stale with the next step
                 self._bias_cache = {}
-            if torch.is_autocast_enabled(table.device.type):
+            inputs = self._mlp_inputs(table)
+            if inputs[-1] is None and torch.is_autocast_enabled(table.device.type):
                 return checkpoint(self._bias_values, table, use_reentrant=False)
-            return 16 * torch.sigmoid(_CpbMlp.apply(*self._mlp_inputs(table)))
+            return 16 * torch.sigmoid(CpbMlp.apply(*inputs))
         return self._bias_values(table)
 
     def _mlp_inputs(self, table: torch.Tensor):
-        """(t (T, 2), w1, b1, w2, grid) for :func:`_cpb_forward` / :class:`_CpbMlp`; ``grid``
-        is the table's (rows, cols) when it is a coordinate grid (:func:`_grid_shape`)."""
+        """(t (T, 2), w1, b1, w2, axes) for :func:`~.cpb.cpb_values` / :class:`~.cpb.CpbMlp`;
+        ``axes`` (:func:`~.cpb.grid_axes`) where the grid form runs, else ``None``."""
         lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
         t = table.reshape(-1, 2).to(lin1.weight.dtype)
-        return t, lin1.weight, lin1.bias, lin2.weight, _grid_shape(table)
+        return t, lin1.weight, lin1.bias, lin2.weight, grid_axes(table)
 
     def _bias_values(self, table: torch.Tensor) -> torch.Tensor:
-        return 16 * torch.sigmoid(_cpb_forward(*self._mlp_inputs(table)))
+        return 16 * torch.sigmoid(cpb_values(*self._mlp_inputs(table)))
 
     def train(self, mode: bool = True):  # training: the eval-time biases go stale with the next step
         if mode:
@@ -280,154 +277,6 @@ class AffineTransform(nn.Module):
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): cached biases are stale
         self._bias_cache = {}
         return super()._apply(fn, recurse)
-
-
-def _grid_shape(table: torch.Tensor) -> Optional[Tuple[int, int]]:
-    """(rows, cols) of a table that is a coordinate grid (:func:`~.geometry.grid_shape`), for
-    the grid form of :class:`_CpbPlan`; ``None`` for other tables, tables of one block, and
-    under ``torch.compile`` and tracing, all of which take the plain MLP."""
-    if (table.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or _one_block(table)):
-        return None
-    from .geometry import grid_shape
-    return grid_shape(table)
-
-
-def _cpb_mlp(t, w1, b1, w2) -> torch.Tensor:
-    """The CPB MLP head-major, ``w2 @ relu(t @ w1^T + b1)^T`` -> (heads, T), in one piece (the
-    form ``torch.compile`` and tracing see). ``t``: (T, 2) table; ``w1``, ``b1``, ``w2``: its
-    ``Linear(2, hidden)`` and ``Linear(hidden, heads, bias=False)``."""
-    return torch.mm(w2, torch.addmm(b1, t, w1.t()).relu_().t())
-
-
-def _one_block(table: torch.Tensor) -> bool:
-    """Whether the MLP goes through ``table`` (its coordinates, (..., 2)) in one piece: up to 1.5
-    blocks of cells, and always off the CPU (the blocks keep a CPU core's cache warm; on a GPU
-    each is a few more kernel launches and, under autocast, a cast of the weights: GRL-S@sr's
-    bf16 training step on an H200 made 1,920 matrix-product calls with them, 528 without)."""
-    return table.device.type != "cpu" or table.numel() // 2 <= _CPB_BLOCK_CELLS * 3 // 2
-
-
-class _CpbPlan:
-    """How :func:`_cpb_forward` and :class:`_CpbMlp` go through the table: in blocks of about
-    ``_CPB_BLOCK_CELLS`` cells (a block's (cells, hidden) layer and its passes stay in the
-    cache), each block's hidden layer formed by :meth:`hidden`.
-
-    On a coordinate grid (``grid`` = (rows, cols), cell (i, j) = (a_i, b_j)) the first layer
-    is separable: ``t_ij @ w1^T + b1 = A_i + B_j`` with ``A = a w1[:, 0]^T + b1`` (rows, hidden)
-    and ``B = b w1[:, 1]^T`` (cols, hidden), so a block of whole grid rows is one broadcast sum
-    (instead of a product with two-long rows, which the BLAS runs at a fraction of the memory
-    speed), and its gradients are sums of the hidden gradient over the grid's columns and rows
-    (:meth:`reduce`). Elsewhere, blocks of cells and the plain product."""
-
-    def __init__(self, t, w1, b1, grid):
-        self.t, self.w1, self.b1, self.grid = t, w1, b1, grid
-        cells = t.shape[0]
-        one = _one_block(t)
-        if grid is None or one:
-            self.A = None
-            step = cells if one else _CPB_BLOCK_CELLS
-            self.blocks = [slice(i, i + step) for i in range(0, cells, step)]
-        else:
-            rows, cols = grid
-            g = t.view(rows, cols, 2)
-            self.a, self.b = g[:, 0, 0], g[0, :, 1]
-            self.A = torch.addr(b1, self.a, w1[:, 0])
-            self.B = torch.outer(self.b, w1[:, 1])
-            step = max(1, _CPB_BLOCK_CELLS // cols)
-            self.blocks = [slice(i * cols, min(i + step, rows) * cols) for i in range(0, rows, step)]
-        # without autograd the blocks' hidden layers and their gradients go into two reused
-        # buffers (fresh 2 MiB tensors per block cost page faults or, at best, cold cache lines)
-        self.buffers = None
-        if len(self.blocks) > 1 and not torch.is_grad_enabled():
-            size = (self.blocks[0].stop - self.blocks[0].start, w1.shape[0])
-            self.buffers = (w1.new_empty(size), w1.new_empty(size))
-
-    def hidden(self, cells: slice) -> torch.Tensor:
-        """relu(first layer) of the block's cells: (cells, hidden)."""
-        n = min(cells.stop, self.t.shape[0]) - cells.start
-        out = None if self.buffers is None else self.buffers[0][:n]
-        if self.A is None:
-            return torch.addmm(self.b1, self.t[cells], self.w1.t(), out=out).relu_()
-        cols = self.grid[1]
-        rows = slice(cells.start // cols, cells.stop // cols)
-        a, b = self.A[rows, None], self.B[None]
-        h = torch.add(a, b) if out is None else torch.add(a, b, out=out.view(-1, cols, out.shape[1]))
-        return h.view(n, -1).relu_()
-
-    def hidden_grad(self, g: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The block's hidden-layer gradient from its output gradient ``g`` (heads, cells)."""
-        if self.buffers is None:
-            return torch.ops.aten.threshold_backward(torch.mm(g.t(), w2), hidden, 0)
-        d = torch.mm(g.t(), w2, out=self.buffers[1][:hidden.shape[0]])
-        return torch.ops.aten.threshold_backward.grad_input(d, hidden, 0, grad_input=d)
-
-    def reduce(self, cells: slice, d_hidden: torch.Tensor, acc, need_w1: bool, need_b1: bool):
-        """Accumulate the block's first-layer gradients into ``acc`` (``None`` at the first
-        block): (dW^T (2, hidden) or None, db1 (hidden,) or None), or on a grid (dA (rows,
-        hidden), which both need, dB (cols, hidden) or None), which :meth:`finish` turns into
-        them."""
-        if self.A is None:
-            d_w1_t, d_b1 = acc if acc is not None else (None, None)
-            if need_w1:
-                d_w1_t = _accumulate(d_w1_t, self.t[cells].t(), d_hidden)
-            if need_b1:
-                d_b1 = d_hidden.sum(0) if d_b1 is None else d_b1.add_(d_hidden.sum(0))
-            return d_w1_t, d_b1
-        rows, cols = self.grid
-        if acc is None:
-            acc = (d_hidden.new_empty(rows, d_hidden.shape[1]),
-                   d_hidden.new_zeros(cols, d_hidden.shape[1]) if need_w1 else None)
-        d_a, d_b = acc
-        d3 = d_hidden.view(-1, cols, d_hidden.shape[1])
-        torch.sum(d3, 1, out=d_a[cells.start // cols:cells.stop // cols])
-        if d_b is not None:
-            d_b.add_(d3.sum(0))
-        return acc
-
-    def finish(self, acc):
-        """(d_w1 (hidden, 2) or None, d_b1) from :meth:`reduce`'s sums."""
-        if self.A is None:
-            d_w1_t, d_b1 = acc
-            return None if d_w1_t is None else d_w1_t.t(), d_b1
-        d_a, d_b = acc
-        d_w1 = None if d_b is None else torch.stack([torch.mv(d_a.t(), self.a), torch.mv(d_b.t(), self.b)], 1)
-        return d_w1, d_a.sum(0)
-
-
-def _cpb_forward(t, w1, b1, w2, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """:func:`_cpb_mlp` block by block (:class:`_CpbPlan`): (heads, T)."""
-    if _one_block(t) or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return _cpb_mlp(t, w1, b1, w2)
-    plan = _CpbPlan(t, w1, b1, grid)
-    return torch.cat([torch.mm(plan.hidden(cells), w2.t()) for cells in plan.blocks]).t().contiguous()
-
-
-class _CpbMlp(torch.autograd.Function):
-    """:func:`_cpb_forward` keeping only its inputs for the backward, which recomputes the
-    (T, hidden) layer block by block (``t`` gets no gradient)."""
-
-    @staticmethod
-    def forward(ctx, t, w1, b1, w2, grid=None):
-        ctx.save_for_backward(t, w1, b1, w2)
-        ctx.grid = grid
-        return _cpb_forward(t, w1, b1, w2, grid)
-
-    @staticmethod
-    def backward(ctx, grad):
-        t, w1, b1, w2 = ctx.saved_tensors
-        need_w1, need_b1, need_w2 = ctx.needs_input_grad[1:4]
-        plan = _CpbPlan(t, w1, b1, ctx.grid)
-        d_w2 = acc = None
-        for cells in plan.blocks:
-            hidden = plan.hidden(cells)
-            g = grad[:, cells]
-            if need_w2:
-                d_w2 = _accumulate(d_w2, g, hidden)
-            if need_w1 or need_b1:
-                acc = plan.reduce(cells, plan.hidden_grad(g, w2, hidden), acc, need_w1, need_b1)
-        d_w1, d_b1 = plan.finish(acc) if acc is not None else (None, None)
-        return None, d_w1, d_b1 if need_b1 else None, d_w2, None
 
 
 def _large_index(index: torch.Tensor, width: Optional[int]) -> bool:
@@ -825,8 +674,6 @@ def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -
     """``acc + a @ b`` over the last two dims (``a @ b`` when ``acc`` is ``None``), in place."""
     if acc is None:
         return torch.matmul(a, b)
-    if acc.dim() == 2:
-        return acc.addmm_(a, b)
     acc.view(-1, *acc.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
     return acc
 

@@ -56,6 +56,15 @@ def pad_multiple(window_size: int, stripe_size: Sequence[Optional[int]],
 
 
 # --------------------------------------------------------------------------------------- tables
+class GridAxes(NamedTuple):
+    """A coordinate grid's axes in float64 (:func:`grid_axes`): ``a`` (rows,), ``b`` (cols,) in
+    ascending order, and ``order``, the permutation that sorted the table's columns (``None`` if
+    they were)."""
+    a: torch.Tensor
+    b: torch.Tensor
+    order: Optional[torch.Tensor]
+
+
 @lru_cache(maxsize=64)
 def coords_table(window: Size2, df: int, device: torch.device) -> torch.Tensor:
     """Log-spaced relative coordinate table (1, w0 + a0 - 1, w1 + a1 - 1, 2), a = w // df.
@@ -202,22 +211,27 @@ def flip_keys(mask: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _grid_shape(table: torch.Tensor) -> Optional[Tuple[int, int]]:
+def _grid_axes(table: torch.Tensor) -> Optional["GridAxes"]:
     g = table[0]
-    if (torch.equal(g[..., 0], g[:, :1, 0].expand_as(g[..., 0]))
+    if not (torch.equal(g[..., 0], g[:, :1, 0].expand_as(g[..., 0]))
             and torch.equal(g[..., 1], g[:1, :, 1].expand_as(g[..., 1]))):
-        return int(g.shape[0]), int(g.shape[1])
-    return None
+        return None
+    with torch.inference_mode(False):  # cached tensors must also serve autograd later
+        a, b = g[:, 0, 0].to(torch.float64), g[0, :, 1].to(torch.float64)
+        order = None
+        if not bool((b[1:] >= b[:-1]).all()):
+            b, order = torch.sort(b, stable=True)
+        return GridAxes(a.contiguous(), b.contiguous(), order)
 
 
 @torch.compiler.disable
-def grid_shape(table: torch.Tensor) -> Optional[Tuple[int, int]]:
-    """(rows, cols) of a (1, rows, cols, 2) coordinate table that is a grid, ``table[0, i, j] ==
-    (a_i, b_j)`` (every :func:`coords_table` is: a meshgrid), else ``None``. Cached per table
-    tensor (checked once, not at every forward: on a GPU the check waits for the device)."""
+def grid_axes(table: torch.Tensor) -> Optional["GridAxes"]:
+    """The axes of a (1, rows, cols, 2) coordinate table that is a grid, ``table[0, i, j] ==
+    (a_i, b_j)`` (every :func:`coords_table` is: a meshgrid), else ``None``. Cached per table tensor (checked once,
+    not at every forward)."""
     if table.dim() != 4 or table.shape[0] != 1 or table.shape[-1] != 2:
         return None
-    return _grid_shape(table)
+    return _grid_axes(table)
 
 
 # ---------------------------------------------------------------------------------------- masks
@@ -407,6 +421,6 @@ def grl_geometry(window_size: int, stripe_size: Sequence[Optional[int]],
 def clear_cache() -> None:
     """Drop every cached table, index and mask (e.g. to free device memory)."""
     for fn in (coords_table, relative_index, partition_order, _gather_plan, _reversed_keys_plan, flip_keys,
-               _grid_shape, window_mask, stripe_masks,
+               _grid_axes, window_mask, stripe_masks,
                _mask_split, _mask_factors, _grl_geometry):
         fn.cache_clear()
