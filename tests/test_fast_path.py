@@ -108,6 +108,7 @@ def test_cpb_grid_form_matches_plain_mlp_on_grl_tables(window, df):
         out = cpb_mod.CpbMlp.apply(t, w1, b1, w2, ax)
         plain = cpb_mod.cpb_mlp(t, w1, b1, w2)
         assert out.shape == plain.shape and (out - plain).abs().max() <= 1e-5
+        assert out.is_contiguous()  # (heads, T) as the plain form's: the strided bias plans need it
         with torch.no_grad():
             assert torch.equal(cpb_mod.cpb_values(t, w1, b1, w2, ax), out.detach())
         g = torch.randn_like(out)
@@ -145,6 +146,24 @@ def test_cpb_grid_form_only_for_large_cpu_grids():
     t = AffineTransform(2).to("meta")
     out = t._bias_values(meta)
     assert out.shape == (2, 127 * 127) and out.device.type == "meta"
+
+
+def test_cpu_training_of_large_windows_keeps_the_table_not_the_bias():
+    """CPU training of a 32x32 window (GRL's SR geometry; its position-bias MLP in the grid form):
+    the attention keeps the table's values for its backward, not a gathered (heads, N1, N2) bias
+    (keys in reverse order: the bias is the table seen through strides)."""
+    from grl_plugin.layers.geometry import relative_index
+    cpu = torch.device("cpu")
+    index, table = relative_index((32, 32), 1, True, cpu), coords_table((32, 32), 1, cpu)
+    assert cpb_mod.grid_axes(table) is not None
+    torch.manual_seed(8)
+    t = AffineTransform(2)
+    q, k, v = (torch.randn(1, 2, 1024, 8, requires_grad=True) for _ in range(3))
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: sizes.append(x.numel()) or x, lambda x: x):
+        out = cosine_attention(q, k, v, t, table, index)
+    assert out.shape == (1, 2, 1024, 8)
+    assert 2 * 63 * 63 in sizes and max(sizes) < 2 * 1024 * 1024  # the values, no bias
 
 
 @pytest.mark.parametrize("table_kind", ["scattered", "window32"])

@@ -101,7 +101,9 @@ def _grid_forward(axes: GridAxes, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     out = torch.addcmul(pq[:, :, 0], b[:, None], pq[:, :, 1]).permute(2, 0, 1)  # (heads, rows, cols)
     if order is not None:  # back to the table's column order
         out = out.new_empty(out.shape).index_copy_(2, order, out)
-    return out.reshape(heads, -1).to(w2.dtype), e
+    # contiguous (heads, T), as the plain form's (a view of the permuted sums would have strides
+    # (1, heads), which the attention's strided bias plans cannot take)
+    return out.to(w2.dtype, memory_format=torch.contiguous_format).view(heads, -1), e
 
 
 def _grid_backward(axes: GridAxes, w1, b1, w2, e: torch.Tensor, grad: torch.Tensor, needs):
