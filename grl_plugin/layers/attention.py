@@ -197,10 +197,10 @@ class AffineTransform(nn.Module):
         with an (nW, N1, N2) region ``mask`` the sum bias + mask -> (nW, heads, N1, N2).
 
         Same values as :meth:`position_bias_reference`, computed head-major on the small
-        table: the MLP gives (heads, T) directly (:meth:`bias_values`), the sigmoid is applied before the gather (it is elementwise), and the gather
-        is one ``index_select`` (a faster kernel than advanced indexing, and a dense
-        ``index_add_`` backward instead of ``index_put_(accumulate=True)``, which sorts the
-        N1 * N2 index on every call). Cached while no gradient is needed (see
+        table: the MLP gives (heads, T) directly (:meth:`bias_values`), the sigmoid is applied
+        before the gather (it is elementwise), and the gather is one ``index_select`` (a faster
+        kernel than advanced indexing, and a dense ``index_add_`` backward instead of
+        ``index_put_(accumulate=True)``, which sorts the N1 * N2 index on every call). Cached while no gradient is needed (see
         :func:`set_bias_cache`); the cache key holds the weights' versions, so an optimizer
         step or ``load_state_dict`` invalidates it, and it holds the autocast dtype, so a bias
         made under autocast never serves a float32 forward. (The masked sum is what small

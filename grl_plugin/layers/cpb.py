@@ -7,7 +7,7 @@ The MLP maps every cell ``t = (y, x)`` of a relative-coordinate table to one val
 computed here head-major, (heads, T), for the T cells at once (:func:`cpb_mlp`). GRL's hidden
 width is 512, so the plain form writes and reads a (T, 512) layer: 33 MB for the 127 x 127
 table of 64 x 64 stripes, several passes of it per training step and attention module (CPU:
-~17 % of GRL-S's training step at the SR settings went here).
+10-17 % of GRL-S's training step at the SR settings went here with the previous, blocked MLP).
 
 On a coordinate grid (every :func:`~.geometry.coords_table` is one: cell (i, j) = (a_i, b_j))
 the first layer is ``A[i, c] + b_j w[c]`` with ``A = a w1[:, 0]^T + b1`` and ``w = w1[:, 1]``.
@@ -63,13 +63,17 @@ def cpb_values(t: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
     return _grid_forward(axes, w1, b1, w2)[0]
 
 
+def _first_layer(axes: GridAxes, w1: torch.Tensor, b1: torch.Tensor):
+    """The first layer on the grid, ``A[i, c] + b_j w[c]``: ``(A, w)``, (rows, hidden) and (hidden,), float64."""
+    return (torch.addcmul(b1.to(torch.float64), axes.a[:, None], w1[:, 0].to(torch.float64)),
+            w1[:, 1].to(torch.float64))
+
+
 def _grid_edges(axes: GridAxes, w1: torch.Tensor, b1: torch.Tensor):
     """``(A, w, on_right, e)``: the first layer's row term A (rows, hidden) and column slope
     w (hidden,) in float64, which channels are on to the right of their edge (``w > 0``) and the
     edges e (rows, hidden): channel c of row i is on for ``j >= e`` (``w[c] > 0``) or ``j < e``."""
-    a, b, _ = axes
-    w = w1[:, 1].to(torch.float64)
-    A = torch.addcmul(b1.to(torch.float64), a[:, None], w1[:, 0].to(torch.float64))
+    A, w = _first_layer(axes, w1, b1)
     on_right = w > 0
     # on where A + b_j w > 0: b_j > -A / w (w > 0, edge = #{b_j <= -A / w}), b_j < -A / w (w < 0,
     # edge = #{b_j < -A / w}); where w == 0, all columns or none as A > 0
@@ -77,7 +81,7 @@ def _grid_edges(axes: GridAxes, w1: torch.Tensor, b1: torch.Tensor):
     if bool((w == 0).any()):
         thr = torch.where(w == 0, torch.where(A > 0, float("inf"), float("-inf")).to(thr.dtype), thr)
     thr = torch.where(on_right, thr.nextafter(thr.new_tensor(float("inf"))), thr)  # #{b <= x} = #{b < next(x)}
-    return A, w, on_right, torch.searchsorted(b, thr)
+    return A, w, on_right, torch.searchsorted(axes.b, thr)
 
 
 def _grid_forward(axes: GridAxes, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor):
@@ -112,8 +116,7 @@ def _grid_backward(axes: GridAxes, w1, b1, w2, e: torch.Tensor, grad: torch.Tens
     a, b, order = axes
     rows, cols = a.shape[0], b.shape[0]
     heads, hidden = w2.shape
-    A = torch.addcmul(b1.to(torch.float64), a[:, None], w1[:, 0].to(torch.float64))
-    w = w1[:, 1].to(torch.float64)
+    A, w = _first_layer(axes, w1, b1)
     w2d = w2.to(torch.float64)
     g = grad.reshape(heads, rows, cols)
     if order is not None:
