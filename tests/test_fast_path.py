@@ -170,7 +170,7 @@ def test_cpu_training_of_large_windows_keeps_the_table_not_the_bias():
 def test_bias_values_training_paths_agree(table_kind):
     """Training bias values: the MLP Function (fp32) and the checkpoint path (autocast) give the
     eval values and the same parameter gradients as plain autograd through ``cpb_mlp``; on a
-    random 9 x 9 table and on the 63 x 63 grid of 32x32 windows (blocks of grid rows)."""
+    random 9 x 9 table and on the 63 x 63 grid of 32x32 windows (the grid form)."""
     torch.manual_seed(6)
     t = AffineTransform(2)
     if table_kind == "scattered":

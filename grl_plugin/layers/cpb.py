@@ -7,7 +7,7 @@ The MLP maps every cell ``t = (y, x)`` of a relative-coordinate table to one val
 computed here head-major, (heads, T), for the T cells at once (:func:`cpb_mlp`). GRL's hidden
 width is 512, so the plain form writes and reads a (T, 512) layer: 33 MB for the 127 x 127
 table of 64 x 64 stripes, several passes of it per training step and attention module (CPU:
-10-17 % of GRL-S's training step at the SR settings went here with the previous, blocked MLP).
+10-18 % of GRL-S's training step at the SR settings went here with the previous, blocked MLP).
 
 On a coordinate grid (every :func:`~.geometry.coords_table` is one: cell (i, j) = (a_i, b_j))
 the first layer is ``A[i, c] + b_j w[c]`` with ``A = a w1[:, 0]^T + b1`` and ``w = w1[:, 1]``.
