@@ -140,7 +140,7 @@ class AnchorStripeAttention(nn.Module):
                                     geom.mask_w2a if masked else None, drop, self.attn_impl, normalized)
 
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
-            (order, inverse), (a_order, a_inverse) = geom.orders[masked], geom.anchor_orders[masked]
+            (order, inverse), (a_order, a_inverse) = geom.orders[int(masked)], geom.anchor_orders[int(masked)]
             qkv = partition_heads(permute_tokens(qkv, order, inverse), stripe[0] * stripe[1], 3, self.num_heads)
             # normalised once: q (scaled for stage 2) and k with one pass, the anchors (keys of
             # stage 2, and scaled the queries of stage 1)
