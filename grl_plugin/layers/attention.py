@@ -41,7 +41,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .cpb import CpbMlp, cpb_values, grid_axes
 
@@ -248,15 +247,18 @@ class AffineTransform(nn.Module):
         The MLP is :mod:`.cpb`'s: on CPU, for GRL's large windows and stripes, in its grid form
         (no (T, 512) hidden layer at all); with autograd, by :class:`~.cpb.CpbMlp`, which keeps
         no hidden layer for the backward (8-13 MiB per attention module at the SR settings,
-        more than the attention itself keeps), or under autocast outside the grid form by
-        ``torch.utils.checkpoint``."""
+        more than the attention itself keeps). Under autocast the MLP and the sigmoid run in
+        float32 (as the grid form always does; the table is small) and the values are rounded
+        to the autocast dtype once, in training and eval alike (the reference path's MLP runs
+        in the autocast dtype: its values differ by that rounding)."""
+        device = table.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self.bias_values(table).to(torch.get_autocast_dtype(device))
         if torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.logit_scale.requires_grad:
             if self._bias_cache:  # training: the eval-time biases go stale with the next step
                 self._bias_cache = {}
-            inputs = self._mlp_inputs(table)
-            if inputs[-1] is None and torch.is_autocast_enabled(table.device.type):
-                return checkpoint(self._bias_values, table, use_reentrant=False)
-            return 16 * torch.sigmoid(CpbMlp.apply(*inputs))
+            return 16 * torch.sigmoid(CpbMlp.apply(*self._mlp_inputs(table)))
         return self._bias_values(table)
 
     def _mlp_inputs(self, table: torch.Tensor):
