@@ -128,6 +128,62 @@ def test_network_training_graph_breaks_only_at_geometry(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compile_blocks_one_graph_per_block_layout():
+    """``compile_blocks`` (regional compilation): eight blocks of eight drop-path rates and four
+    layouts (shift, stripe type, stripe shift; the first block without stochastic depth) give
+    one graph per layout, no recompilation per rate (each rate was a recompile before the rate
+    became a tensor under compile: the 9th block hit dynamo's limit of 8 and ran eagerly); the
+    compiled network gives the eager output and trains; ``uncompile_blocks`` undoes it."""
+    from torch._dynamo.utils import counters
+    from grl_plugin.archs.grl_arch import GRL
+    from grl_plugin.layers import compile_blocks, uncompile_blocks
+    torch.manual_seed(0)
+    net = GRL(img_size=16, embed_dim=16, depths=[8], num_heads_window=[2], num_heads_stripe=[2],
+              window_size=4, stripe_size=[8, 8], anchor_window_down_factor=2, mlp_ratio=2, upscale=1,
+              upsampler='', drop_path_rate=0.2, stripe_shift=True)
+    blocks = list(net.layers[0].blocks)
+    assert len({b.drop_path.drop_prob for b in blocks[1:]}) == 7
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        want = net.eval()(x)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(net, backend='eager')
+    assert all('forward_tokens' in vars(b) for b in blocks)
+    net.train()
+    net(x).abs().mean().backward()
+    frames, graphs = dict(counters['frames']), counters['stats']['unique_graphs']
+    assert frames['total'] == frames['ok'] and graphs == 5, (frames, graphs)  # 4 layouts + the rate-0 block
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    with torch.no_grad():
+        got = net.eval()(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    uncompile_blocks(net)
+    assert not any('forward_tokens' in vars(b) for b in blocks)
+    torch._dynamo.reset()
+
+
+def test_drop_path_eager_draws_and_compiled_rate():
+    """DropPath: eager draws as the official ``bernoulli_(keep)`` per sample; under compile (the
+    rate a tensor) samples are dropped at the rate and the kept ones scaled by 1 / keep."""
+    from grl_plugin.layers import DropPath
+    dp = DropPath(0.25).train()
+    x = torch.ones(20000, 1, 2)
+    torch.manual_seed(3)
+    got = dp(x)
+    torch.manual_seed(3)
+    want = x * x.new_empty(20000, 1, 1).bernoulli_(0.75) / 0.75
+    assert torch.equal(got, want)
+    torch._dynamo.reset()
+    out = torch.compile(dp, backend='eager')(x)
+    kept = out[:, 0, 0] != 0
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    dropped = 1 - kept.float().mean().item()
+    assert abs(dropped - 0.25) < 5 * (0.25 * 0.75 / 20000) ** 0.5, dropped
+    assert dp.eval()(x) is x
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize('name', ['stage', 'block', 'window', 'stripe'])
 def test_blocks_bf16_autocast(name):
     blk = _blocks()[name].eval()

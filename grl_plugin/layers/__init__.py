@@ -8,12 +8,13 @@
 * :class:`WindowAttention`, :class:`AnchorStripeAttention`, :class:`AnchorProjection`.
 * :class:`CAB` -- the local conv + channel-attention branch.
 * :class:`MixedAttention`, :class:`GRLBlock`, :class:`GRLStage` -- take (B, C, H, W) of any
-  size, or (B, L, C) tokens with ``x_size``.
+  size, or (B, L, C) tokens with ``x_size``; :func:`compile_blocks` compiles each block (regional).
 """
 from .attention import (ATTN_IMPLS, AffineTransform, bias_cache_bytes, cosine_attention, normalize_qkv,
                         set_bias_cache, set_lean_backward)
 from .block import (CONV_TYPES, DropPath, GRLBlock, GRLStage, MixedAttention, Mlp,
-                    build_last_conv, default_heads, pad_to_multiple, to_map, to_tokens)
+                    build_last_conv, compile_blocks, default_heads, pad_to_multiple, to_map, to_tokens,
+                    uncompile_blocks)
 from .geometry import GRLGeometry, clear_cache, grl_geometry, pad_multiple, stripe_info
 from .linear import set_onednn_linear
 from .local import CAB, ChannelAttention
@@ -23,8 +24,8 @@ from .window_attn import WindowAttention, window_partition, window_reverse
 __all__ = [
     "ATTN_IMPLS", "ANCHOR_PROJ_TYPES", "CONV_TYPES", "AffineTransform", "AnchorProjection",
     "AnchorStripeAttention", "CAB", "ChannelAttention", "DropPath", "GRLBlock", "GRLGeometry",
-    "GRLStage", "MixedAttention", "Mlp", "WindowAttention", "build_last_conv", "clear_cache",
+    "GRLStage", "MixedAttention", "Mlp", "WindowAttention", "build_last_conv", "clear_cache", "compile_blocks",
     "cosine_attention", "default_heads", "normalize_qkv", "grl_geometry", "pad_multiple", "pad_to_multiple",
     "set_bias_cache", "set_lean_backward", "set_onednn_linear", "bias_cache_bytes",
-    "stripe_info", "to_map", "to_tokens", "window_partition", "window_reverse",
+    "stripe_info", "to_map", "to_tokens", "uncompile_blocks", "window_partition", "window_reverse",
 ]

@@ -57,17 +57,36 @@ def to_map(x: torch.Tensor, x_size: Tuple[int, int], channels_last: bool = False
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (active in training only)."""
+    """Stochastic depth per sample (active in training only).
+
+    Eager: ``bernoulli_(1 - drop_prob)`` per sample, as the official code draws. Under
+    ``torch.compile`` the rate is read from a 0-dim tensor (``uniform < keep``), so that blocks
+    of different rates share one compiled graph (a Python float would be baked into the graph:
+    one recompilation per block with :func:`compile_blocks`, past dynamo's recompile limit)."""
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
         self.drop_prob = drop_prob
 
+    @property
+    def drop_prob(self) -> float:
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        self._drop_prob = float(value)
+        self._drops = self._drop_prob != 0.0  # (a bool: compiled graphs are guarded on it, not on the rate)
+        self._keep = torch.tensor(1.0 - float(value), dtype=torch.float64)  # (not a buffer: no state)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_prob == 0.0:
+        if not (self.training and self._drops):
             return x
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        if torch.compiler.is_compiling():
+            keep = self._keep.to(x.dtype)
+            return x * ((torch.rand(shape, device=x.device, dtype=x.dtype) < keep).to(x.dtype) / keep)
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        mask = x.new_empty(shape).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:
@@ -502,3 +521,28 @@ class GRLStage(_MapOrTokens):
             else:
                 y = blk.forward_tokens(y, x_size, geom)
         return to_tokens(self.conv(to_map(y, x_size, channels_last=self.blocks[0].fast))) + x
+
+
+def compile_blocks(module: nn.Module, **compile_kwargs) -> nn.Module:
+    """Regional compilation: ``torch.compile`` the token forward of every :class:`GRLBlock` in
+    ``module``, in place (the rest runs eagerly), and return ``module``.
+
+    All blocks share one code object, so dynamo compiles one graph per distinct block layout
+    (shifted or not, stripe type, stripe shift, with or without stochastic depth: at most 5 in
+    GRL's pattern) instead of the whole network, and blocks of a layout reuse it (each block's
+    drop-path rate is a tensor under compile, see :class:`DropPath`). Compiling takes a fraction
+    of the whole network's time; the geometry lookup stays outside the graphs. ``compile_kwargs``
+    go to ``torch.compile`` (``mode="reduce-overhead"``: a CUDA graph per block). The state dict
+    is unchanged; :func:`uncompile_blocks` undoes it."""
+    for m in module.modules():
+        if isinstance(m, GRLBlock):
+            m.forward_tokens = torch.compile(type(m).forward_tokens.__get__(m), **compile_kwargs)
+    return module
+
+
+def uncompile_blocks(module: nn.Module) -> nn.Module:
+    """Undo :func:`compile_blocks` (the blocks' plain token forward again)."""
+    for m in module.modules():
+        if isinstance(m, GRLBlock):
+            m.__dict__.pop("forward_tokens", None)
+    return module
