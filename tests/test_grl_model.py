@@ -171,3 +171,24 @@ def test_compile_option_wraps_and_saves_bare_weights(tmp_path, images):
     model.save_network(model.net_g, "net_g", 1)
     saved = torch.load(tmp_path / "models" / "net_g_1.pth", weights_only=True)["params"]
     assert list(saved) == list(grl_plugin.GRL(**{k: v for k, v in NET.items() if k != "type"}).state_dict())
+
+
+def test_regional_compile_option_compiles_each_block(tmp_path, images):
+    """``train.compile: {regional: true, ...}``: the network is not wrapped, each GRL block's
+    token forward is compiled with the other keys (``compile_blocks``), training runs and the
+    saved weights are the plain GRL's."""
+    from grl_plugin.layers import GRLBlock
+    opt = make_opt(tmp_path, train={"compile": {"regional": True, "backend": "eager"}})
+    (tmp_path / "models").mkdir()
+    torch._dynamo.reset()
+    model = build_model(opt)
+    assert not hasattr(model.net_g, "_orig_mod") and isinstance(model.net_g, grl_plugin.GRL)
+    blocks = [m for m in model.net_g.modules() if isinstance(m, GRLBlock)]
+    assert blocks and all("forward_tokens" in vars(b) for b in blocks)
+    before = [p.detach().clone() for p in model.net_g.parameters()]
+    _train_steps(model, _loader(images, "train"), 1)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.net_g.parameters()))
+    model.save_network(model.net_g, "net_g", 1)
+    saved = torch.load(tmp_path / "models" / "net_g_1.pth", weights_only=True)["params"]
+    assert list(saved) == list(grl_plugin.GRL(**{k: v for k, v in NET.items() if k != "type"}).state_dict())
+    torch._dynamo.reset()

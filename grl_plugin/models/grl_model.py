@@ -8,7 +8,8 @@ Option keys on top of SRModel's (all optional)::
       activation_checkpointing: true   # recompute GRL blocks in backward (less memory)
       lean_backward: null     # true: least memory without checkpointing (all attention probabilities
                               # recomputed); false: fastest (MLP hidden layers, post-norm inputs kept); null: automatic
-      compile: false          # torch.compile the network (or a dict of torch.compile kwargs)
+      compile: false          # torch.compile the network (or a dict of torch.compile kwargs; with
+                              # regional: true each GRL block instead, compile_blocks: much quicker to compile)
       nan_tolerance: 5        # stop after this many iterations in a row with a NaN/Inf loss (null: never)
     val:
       tile: {size: 256, overlap: 32, blend: linear}   # tiled validation/test (size 0: whole image)
@@ -58,7 +59,7 @@ from tqdm import tqdm
 from .. import compat
 from ..archs.checkpoint import CheckpointWarning, check_fit, load_checkpoint
 from ..archs.grl_arch import GRL
-from ..layers import set_lean_backward
+from ..layers import compile_blocks, set_lean_backward
 from ..tiling import tiled_forward
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -113,10 +114,14 @@ class GRLModel(SRModel):
             for m in net.modules():
                 if hasattr(m, "use_checkpoint"):
                     m.use_checkpoint = True
-        net = super().model_to_device(net)
         compile_opt = train_opt.get("compile") if self.opt.get("is_train") else (self.opt.get("val") or {}).get("compile")
-        if compile_opt:
-            net = torch.compile(net, **(compile_opt if isinstance(compile_opt, dict) else {}))
+        kwargs = dict(compile_opt) if isinstance(compile_opt, dict) else {}
+        regional = kwargs.pop("regional", False)
+        if compile_opt and regional:  # each GRL block compiled in place (compile_blocks); no wrapper
+            compile_blocks(net, **kwargs)
+        net = super().model_to_device(net)
+        if compile_opt and not regional:
+            net = torch.compile(net, **kwargs)
         return net
 
     def get_bare_model(self, net):
