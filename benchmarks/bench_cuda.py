@@ -29,6 +29,7 @@ Usage (on the device)::
     python benchmarks/bench_cuda.py                                  # GRL-B, fp32 + bf16
     python benchmarks/bench_cuda.py --configs tiny small base base@sr --json out.json
     python benchmarks/bench_cuda.py --device cpu --quick             # smoke run on the CPU
+    python benchmarks/bench_cuda.py --configs small@sr --mem-sizes --compile reduce-overhead --regional
 """
 from __future__ import annotations
 
@@ -59,10 +60,11 @@ def _imports():
     return torch, GRL
 
 
-def build(config: str, impls, device, seed: int = 0, compile_mode: Optional[str] = None) -> dict:
+def build(config: str, impls, device, seed: int = 0, compile_mode: Optional[str] = None,
+          regional: bool = False) -> dict:
     """``impls`` of ``config`` with identical weights, on ``device``; with ``compile_mode``
     each wrapped in ``torch.compile(mode=compile_mode)`` (``"default"``, ``"reduce-overhead"``:
-    CUDA graphs, ...)."""
+    CUDA graphs, ...), or with ``regional`` each GRL block compiled so (``compile_blocks``)."""
     torch, GRL = _imports()
     torch.manual_seed(seed)
     state = GRL(**CONFIGS[config]).state_dict()
@@ -74,7 +76,13 @@ def build(config: str, impls, device, seed: int = 0, compile_mode: Optional[str]
             for mod in m.modules():
                 if hasattr(mod, "use_checkpoint"):
                     mod.use_checkpoint = True
-        models[impl] = m.to(device) if compile_mode is None else torch.compile(m.to(device), mode=compile_mode)
+        m = m.to(device)
+        if compile_mode is not None and regional:
+            from grl_plugin.layers import compile_blocks
+            m = compile_blocks(m, mode=compile_mode)
+        elif compile_mode is not None:
+            m = torch.compile(m, mode=compile_mode)
+        models[impl] = m
     return models
 
 
@@ -153,11 +161,11 @@ def _is_oom(torch, err: BaseException) -> bool:
 
 
 def throughput(config: str, dtype: str, device, batch: int, patch: int, repeats: int, warmup: int,
-               compile_mode: Optional[str] = None) -> dict:
+               compile_mode: Optional[str] = None, regional: bool = False) -> dict:
     """Table 1 row: images/s of eval forward and training step, fast vs reference (both
-    compiled with ``compile_mode`` when given)."""
+    compiled with ``compile_mode`` when given, per block with ``regional``)."""
     torch, _ = _imports()
-    models = build(config, IMPLS, device, compile_mode=compile_mode)
+    models = build(config, IMPLS, device, compile_mode=compile_mode, regional=regional)
     torch.manual_seed(1)
     x = torch.rand(batch, 3, patch, patch, device=device)
     # (cloned: a CUDA-graph replay may reuse an output's memory)
@@ -175,7 +183,8 @@ def throughput(config: str, dtype: str, device, batch: int, patch: int, repeats:
         with _Peak(torch, device) as p:
             _train_step(torch, m, opts[k], x, target, dtype)
         peak[k] = p.mib
-    row = {"config": config, "dtype": dtype, "batch": batch, "patch": patch, "compile": compile_mode, "delta": delta,
+    label = compile_mode if compile_mode is None or not regional else f"{compile_mode}, per block"
+    row = {"config": config, "dtype": dtype, "batch": batch, "patch": patch, "compile": label, "delta": delta,
            "fwd_s": fwd, "train_s": train, "train_peak_mib": peak}
     del models, opts
     _free(torch, device)
@@ -308,6 +317,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default=None, metavar="MODE",
                    help="torch.compile both paths for the throughput table with this mode (default, "
                         "reduce-overhead = CUDA graphs, max-autotune); the warm-up rounds compile")
+    p.add_argument("--regional", action="store_true",
+                   help="with --compile: compile each GRL block (grl_plugin.layers.compile_blocks: one graph "
+                        "per block layout, much quicker to compile) instead of the whole network")
     p.add_argument("--tf32", action="store_true",
                    help="let fp32 products and convolutions run in TF32 (default: off, so fp32 is fp32)")
     args = p.parse_args(argv)
@@ -325,7 +337,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     tf32 = (f", tf32 matmul {torch.backends.cuda.matmul.allow_tf32} cudnn {torch.backends.cudnn.allow_tf32}"
             if device.type == "cuda" else "")
-    compiled = f", torch.compile mode {args.compile}" if args.compile else ""
+    compiled = (f", torch.compile mode {args.compile}" + (" per block" if args.regional else "")) if args.compile else ""
     print(f"# torch {torch.__version__}, {name}{tf32}{compiled}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
     results = {"throughput": [], "memory": [], "flops": []}
 
@@ -337,7 +349,8 @@ def main(argv=None) -> int:
     for config in args.configs:
         flops = count_flops(config, device, args.batch, args.patch)
         for dt in args.dtypes:
-            row = throughput(config, dt, device, args.batch, args.patch, args.repeats, args.warmup, args.compile)
+            row = throughput(config, dt, device, args.batch, args.patch, args.repeats, args.warmup, args.compile,
+                             args.regional)
             results["throughput"].append(row)
             results["flops"].append({"config": config, "dtype": dt, "batch": args.batch, "patch": args.patch,
                                      "gflop": flops / 1e9, "gflops": flops / row["fwd_s"]["fast"] / 1e9,

@@ -78,3 +78,24 @@ def test_compile_option_wraps_both_paths(monkeypatch):
     plain = bench_cuda.throughput("tiny", "fp32", torch.device("cpu"), 1, 16, 1, 0)
     assert modes == ["reduce-overhead"] * 2 and plain["compile"] is None
     assert "| tiny | fp32 |" in bench_cuda.format_throughput([plain])
+
+
+def test_compile_regional_compiles_every_block_of_both_paths(monkeypatch):
+    """``--compile MODE --regional``: every GRL block's token forward of both paths goes through
+    ``torch.compile`` with that mode (a spy), the network itself does not, and the row says so."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_cuda
+    from grl_plugin.layers import GRLBlock
+    compiled = []
+
+    def spy(fn, mode=None):
+        compiled.append((getattr(fn, "__self__", fn), mode))
+        return fn
+    monkeypatch.setattr(torch, "compile", spy)
+    row = bench_cuda.throughput("tiny", "fp32", torch.device("cpu"), 1, 16, 1, 0, compile_mode="reduce-overhead",
+                                regional=True)
+    assert compiled and all(isinstance(m, GRLBlock) and mode == "reduce-overhead" for m, mode in compiled)
+    blocks = sum(isinstance(m, GRLBlock) for m in bench_cuda.build("tiny", ("fast",), torch.device("cpu"))["fast"].modules())
+    assert len(compiled) == 2 * blocks and len({id(m) for m, _ in compiled}) == 2 * blocks
+    assert row["compile"] == "reduce-overhead, per block" and row["delta"] <= 1e-4
+    assert "| tiny (compiled, reduce-overhead, per block) | fp32 |" in bench_cuda.format_throughput([row])
