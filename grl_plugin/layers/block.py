@@ -60,7 +60,7 @@ class DropPath(nn.Module):
     """Stochastic depth per sample (active in training only).
 
     Eager: ``bernoulli_(1 - drop_prob)`` per sample, as the official code draws. Under
-    ``torch.compile`` the rate is read from a 0-dim tensor (``uniform < keep``), so that blocks
+    ``torch.compile`` the rate is read from a 0-dim buffer (``uniform < keep``), so that blocks
     of different rates share one compiled graph (a Python float would be baked into the graph:
     one recompilation per block with :func:`compile_blocks`, past dynamo's recompile limit)."""
 
@@ -76,7 +76,11 @@ class DropPath(nn.Module):
     def drop_prob(self, value: float) -> None:
         self._drop_prob = float(value)
         self._drops = self._drop_prob != 0.0  # (a bool: compiled graphs are guarded on it, not on the rate)
-        self._keep = torch.tensor(1.0 - float(value), dtype=torch.float64)  # (not a buffer: no state)
+        # 1 - rate as a tensor that moves with the module (no host -> device copy in a forward,
+        # a static input of a CUDA graph), not in the state dict
+        old = self._buffers.get("_keep")
+        self.register_buffer("_keep", torch.tensor(1.0 - self._drop_prob, device=None if old is None else old.device),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self._drops):
