@@ -81,21 +81,25 @@ def test_compile_option_wraps_both_paths(monkeypatch):
 
 
 def test_compile_regional_compiles_every_block_of_both_paths(monkeypatch):
-    """``--compile MODE --regional``: every GRL block's token forward of both paths goes through
-    ``torch.compile`` with that mode (a spy), the network itself does not, and the row says so."""
+    """``--compile MODE --regional``: the GRL blocks' token forward of both paths goes through
+    ``torch.compile`` with that mode (a spy; once per path, bound to every block), the network
+    itself does not, and the row says so."""
     sys.path.insert(0, str(SCRIPT.parent))
     import bench_cuda
     from grl_plugin.layers import GRLBlock
-    compiled = []
+    compiled, built = [], []
 
     def spy(fn, mode=None):
-        compiled.append((getattr(fn, "__self__", fn), mode))
+        compiled.append((fn, mode))
         return fn
     monkeypatch.setattr(torch, "compile", spy)
+    build = bench_cuda.build
+    monkeypatch.setattr(bench_cuda, "build", lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
     row = bench_cuda.throughput("tiny", "fp32", torch.device("cpu"), 1, 16, 1, 0, compile_mode="reduce-overhead",
                                 regional=True)
-    assert compiled and all(isinstance(m, GRLBlock) and mode == "reduce-overhead" for m, mode in compiled)
-    blocks = sum(isinstance(m, GRLBlock) for m in bench_cuda.build("tiny", ("fast",), torch.device("cpu"))["fast"].modules())
-    assert len(compiled) == 2 * blocks and len({id(m) for m, _ in compiled}) == 2 * blocks
+    assert compiled == [(GRLBlock.forward_tokens, "reduce-overhead")] * 2
+    blocks = [m for net in built[0].values() for m in net.modules() if isinstance(m, GRLBlock)]
+    assert len(blocks) > 2 and all(vars(b)["forward_tokens"].__self__ is b for b in blocks)
+    assert not any(hasattr(net, "_orig_mod") for net in built[0].values())
     assert row["compile"] == "reduce-overhead, per block" and row["delta"] <= 1e-4
     assert "| tiny (compiled, reduce-overhead, per block) | fp32 |" in bench_cuda.format_throughput([row])

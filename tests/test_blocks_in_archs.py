@@ -3,6 +3,7 @@ the hybrid archs (GRLUNet, GRLInserted); a user arch registered from outside and
 through ``grl-train --import``; the hybrid option file's dry run."""
 from __future__ import annotations
 
+import copy
 import textwrap
 
 import pytest
@@ -158,6 +159,12 @@ def test_compile_blocks_one_graph_per_block_layout():
     with torch.no_grad():
         got = net.eval()(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(net)  # (an EMA copy, say) runs its own weights, not the original's
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+        torch.testing.assert_close(twin(x), want, rtol=1e-5, atol=1e-5)
+        assert (net(x) - want).abs().max() > 1e-3
     uncompile_blocks(net)
     assert not any('forward_tokens' in vars(b) for b in blocks)
     torch._dynamo.reset()

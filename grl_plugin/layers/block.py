@@ -8,6 +8,7 @@ pattern and a closing convolution. Every module takes either (B, C, H, W) maps o
 """
 from __future__ import annotations
 
+import types
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -537,10 +538,15 @@ def compile_blocks(module: nn.Module, **compile_kwargs) -> nn.Module:
     drop-path rate is a tensor under compile, see :class:`DropPath`). Compiling takes a fraction
     of the whole network's time; the geometry lookup stays outside the graphs. ``compile_kwargs``
     go to ``torch.compile`` (``mode="reduce-overhead"``: a CUDA graph per block). The state dict
-    is unchanged; :func:`uncompile_blocks` undoes it."""
+    is unchanged; :func:`uncompile_blocks` undoes it. Each block holds the compiled function
+    bound to itself, so ``copy.deepcopy`` (an EMA copy, say) rebinds it to the copy."""
+    compiled = {}
     for m in module.modules():
         if isinstance(m, GRLBlock):
-            m.forward_tokens = torch.compile(type(m).forward_tokens.__get__(m), **compile_kwargs)
+            cls = type(m)
+            if cls not in compiled:
+                compiled[cls] = torch.compile(cls.forward_tokens, **compile_kwargs)
+            m.forward_tokens = types.MethodType(compiled[cls], m)
     return module
 
 
