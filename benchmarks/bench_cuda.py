@@ -323,6 +323,8 @@ def main(argv=None) -> int:
     p.add_argument("--tf32", action="store_true",
                    help="let fp32 products and convolutions run in TF32 (default: off, so fp32 is fp32)")
     args = p.parse_args(argv)
+    if args.regional and not args.compile:
+        p.error("--regional compiles each block with the --compile MODE: give --compile too")
     torch, _ = _imports()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

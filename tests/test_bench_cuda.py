@@ -103,3 +103,11 @@ def test_compile_regional_compiles_every_block_of_both_paths(monkeypatch):
     assert not any(hasattr(net, "_orig_mod") for net in built[0].values())
     assert row["compile"] == "reduce-overhead, per block" and row["delta"] <= 1e-4
     assert "| tiny (compiled, reduce-overhead, per block) | fp32 |" in bench_cuda.format_throughput([row])
+
+
+def test_regional_without_compile_is_one_clear_line():
+    res = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--regional"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().splitlines()[-1].endswith("--regional compiles each block with the --compile MODE: "
+                                                         "give --compile too")

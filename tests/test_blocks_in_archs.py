@@ -191,6 +191,25 @@ def test_drop_path_eager_draws_and_compiled_rate():
     torch._dynamo.reset()
 
 
+def test_drop_path_rate_buffer_moves_and_stays_out_of_the_state_dict():
+    """DropPath's compile-time rate is a non-persistent buffer: it follows ``.to()`` (dtype here;
+    the device likewise), keeps its device when the rate is set again, and the state dict of a
+    GRL with stochastic depth holds none of them."""
+    from grl_plugin.archs.grl_arch import GRL
+    from grl_plugin.layers import DropPath
+    dp = DropPath(0.2)
+    assert float(dp._keep) == pytest.approx(0.8) and 'drop_prob=0.2' in repr(dp)
+    dp.to(torch.float64)
+    assert dp._keep.dtype == torch.float64
+    dp.drop_prob = 0.5
+    assert float(dp._keep) == 0.5 and dp._keep.device == torch.device('cpu')
+    net = GRL(img_size=16, embed_dim=16, depths=[2], num_heads_window=[2], num_heads_stripe=[2],
+              window_size=4, stripe_size=[8, 8], anchor_window_down_factor=2, mlp_ratio=2, upscale=1,
+              upsampler='', drop_path_rate=0.2)
+    assert any(isinstance(m, DropPath) for m in net.modules())
+    assert not any(k.endswith('_keep') for k in net.state_dict())
+
+
 @pytest.mark.parametrize('name', ['stage', 'block', 'window', 'stripe'])
 def test_blocks_bf16_autocast(name):
     blk = _blocks()[name].eval()
@@ -336,21 +355,3 @@ def test_hybrid_option_file_dry_run(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert 'GRLUNet' in res.stdout + res.stderr
 
-
-def test_drop_path_rate_buffer_moves_and_stays_out_of_the_state_dict():
-    """DropPath's compile-time rate is a non-persistent buffer: it follows ``.to()`` (dtype here;
-    the device likewise), keeps its device when the rate is set again, and the state dict of a
-    GRL with stochastic depth holds none of them."""
-    from grl_plugin.archs.grl_arch import GRL
-    from grl_plugin.layers import DropPath
-    dp = DropPath(0.2)
-    assert float(dp._keep) == pytest.approx(0.8) and 'drop_prob=0.2' in repr(dp)
-    dp.to(torch.float64)
-    assert dp._keep.dtype == torch.float64
-    dp.drop_prob = 0.5
-    assert float(dp._keep) == 0.5 and dp._keep.device == torch.device('cpu')
-    net = GRL(img_size=16, embed_dim=16, depths=[2], num_heads_window=[2], num_heads_stripe=[2],
-              window_size=4, stripe_size=[8, 8], anchor_window_down_factor=2, mlp_ratio=2, upscale=1,
-              upsampler='', drop_path_rate=0.2)
-    assert any(isinstance(m, DropPath) for m in net.modules())
-    assert not any(k.endswith('_keep') for k in net.state_dict())

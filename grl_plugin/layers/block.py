@@ -538,7 +538,7 @@ def compile_blocks(module: nn.Module, **compile_kwargs) -> nn.Module:
     drop-path rate is a tensor under compile, see :class:`DropPath`). Compiling takes less time
     (GRL-S@sr's training step with inductor on a 2-core CPU: 103 s to the first step against the
     whole network's 216 s); the geometry lookup stays outside the graphs. ``compile_kwargs``
-    go to ``torch.compile`` (``mode="reduce-overhead"``: a CUDA graph per block). The state dict
+    go to ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs of the blocks). The state dict
     is unchanged; :func:`uncompile_blocks` undoes it. Each block holds the compiled function
     bound to itself, so ``copy.deepcopy`` (an EMA copy, say) rebinds it to the copy."""
     compiled = {}
