@@ -339,7 +339,9 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     tf32 = (f", tf32 matmul {torch.backends.cuda.matmul.allow_tf32} cudnn {torch.backends.cudnn.allow_tf32}"
             if device.type == "cuda" else "")
-    compiled = (f", torch.compile mode {args.compile}" + (" per block" if args.regional else "")) if args.compile else ""
+    compiled = ""
+    if args.compile:
+        compiled = f", torch.compile mode {args.compile}" + (" per block" if args.regional else "")
     print(f"# torch {torch.__version__}, {name}{tf32}{compiled}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
     results = {"throughput": [], "memory": [], "flops": []}
 

@@ -354,4 +354,3 @@ def test_hybrid_option_file_dry_run(tmp_path):
                    '--import', 'reg_hybrid'], cwd=tmp_path, extra_pythonpath=[tmp_path])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert 'GRLUNet' in res.stdout + res.stderr
-

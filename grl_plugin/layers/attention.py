@@ -199,11 +199,12 @@ class AffineTransform(nn.Module):
         table: the MLP gives (heads, T) directly (:meth:`bias_values`), the sigmoid is applied
         before the gather (it is elementwise), and the gather is one ``index_select`` (a faster
         kernel than advanced indexing, and a dense ``index_add_`` backward instead of
-        ``index_put_(accumulate=True)``, which sorts the N1 * N2 index on every call). Cached while no gradient is needed (see
-        :func:`set_bias_cache`); the cache key holds the weights' versions, so an optimizer
-        step or ``load_state_dict`` invalidates it, and it holds the autocast dtype, so a bias
-        made under autocast never serves a float32 forward. (The masked sum is what small
-        shifted windows hand the attention kernel; caching it saves forming it at every forward.)
+        ``index_put_(accumulate=True)``, which sorts the N1 * N2 index on every call). Cached
+        while no gradient is needed (see :func:`set_bias_cache`); the cache key holds the
+        weights' versions, so an optimizer step or ``load_state_dict`` invalidates it, and it
+        holds the autocast dtype, so a bias made under autocast never serves a float32 forward.
+        (The masked sum is what small shifted windows hand the attention kernel; caching it
+        saves forming it at every forward.)
 
         With a reversed-keys ``plan`` (:func:`_reversed_keys`, large windows and stripes): where
         the bias is not cached and does not fit the cache's budget, the (heads, Qx, Qy + Ky - 1,
