@@ -1,8 +1,8 @@
 """What both benchmarks share: allocator settings, the peak-RSS reading, memory subprocesses.
 
-* Timing processes re-execute themselves with the glibc malloc settings of the official
-  baseline (``../shared/grl_reference/BASELINE.md``): freed pages stay mapped, so every forward
-  does not re-fault its large temporaries.
+* Timing processes re-execute themselves with the glibc malloc settings of
+  :data:`TIMING_MALLOC_ENV` (the ones the official network's baseline was timed with): freed pages
+  stay mapped, so every forward does not re-fault its large temporaries.
 * Memory is measured in a fresh subprocess per cell, with ``MALLOC_MMAP_THRESHOLD_`` fixed at
   128 KiB: every larger block is mapped on allocation and unmapped on free, so the peak RSS
   follows the peak of the live tensors. (With glibc's default, dynamic threshold, freed blocks

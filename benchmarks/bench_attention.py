@@ -20,7 +20,7 @@ Usage::
     python benchmarks/bench_attention.py --quick              # smoke run (tiny, 32x32, 1 repeat)
     python benchmarks/bench_attention.py --configs tiny small base --breakdown   # where eval time goes
 
-The glibc malloc settings of the official baseline (BASELINE.md) are applied by re-executing
+The glibc malloc settings the official network's baseline was timed with (``_common.py``) are applied by re-executing
 the script with them unless ``--no-malloc-env`` is given; the memory subprocesses use a fixed
 128 KiB mmap threshold instead, so that their peak RSS follows the live tensors (``_common.py``).
 """
@@ -149,7 +149,7 @@ def measure_memory(config: str, size: int, impl: str) -> dict:
 def measure(config: str, size: int, repeats: int, warmup: int, memory: bool = True,
             variants=VARIANTS, official: bool = True) -> dict:
     """One row; ``official=False`` leaves the official oracle out of the timings and memory
-    (its values are NaN): base@sr trains past 19 GB in it (BASELINE.md)."""
+    (its values are NaN): base@sr trains past 19 GB in it."""
     torch, *_ = _imports()
     impls = IMPLS if official else tuple(i for i in IMPLS if i != "official")
     models = build(config, size, impls=impls + tuple(variants))

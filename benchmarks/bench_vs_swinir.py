@@ -32,7 +32,7 @@ Usage::
     python benchmarks/bench_vs_swinir.py --models tiny small --sizes 64 128 --repeats 5
     python benchmarks/bench_vs_swinir.py --quick                 # smoke run (tiny, 32x32, 1 repeat)
 
-The glibc malloc settings of the official baseline (BASELINE.md) are applied by re-executing
+The glibc malloc settings the official network's baseline was timed with (``_common.py``) are applied by re-executing
 the script with them unless ``--no-malloc-env`` is given; the memory subprocesses use a fixed
 128 KiB mmap threshold instead (see ``_common.py``).
 """

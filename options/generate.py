@@ -464,7 +464,7 @@ def sr_train_file(size: str, scale: int, finetune: bool = False) -> None:
     d.blank()
     network(d, size, upscale=scale, upsampler=s['sr_upsampler'], in_ch=3, window=SR['window'],
             stripes=SR['stripes'], df=SR['df'], geometry_note='SR experiment geometry (model YAML: window 8)',
-            source=f'task_configs.json {s["long"]}@sr' if size != 'B' else 'SR experiment overrides')
+            source=f'official experiment {s["long"]}@sr' if size != 'B' else 'SR experiment overrides')
     if size == 'B':
         d.comment('The released base SR models were evaluated with anchor_window_down_factor 2 (official\n'
                   'test commands), presumably fine-tuned with it; the experiment file trains with 4.', 2)
@@ -570,7 +570,7 @@ def dn_train_file(size: str, mode: str, sigma: int, finetune: bool = False) -> N
     d.blank()
     network(d, size, upscale=1, upsampler='', in_ch=3 if color else 1, window=DN['window'],
             stripes=DN['stripes'], df=DN['df'], geometry_note='DN experiment geometry',
-            source='task_configs.json tiny@dn' if size == 'T' else 'DN experiment overrides')
+            source='official experiment tiny@dn' if size == 'T' else 'DN experiment overrides')
     if size == 'B':
         d.comment('The released base denoisers were evaluated with window 32 and df 2 (official test\n'
                   'commands; the experiment file trains with window 16, df 4).', 2)
@@ -674,7 +674,7 @@ def jpeg_train_file(mode: str, q: int, finetune: bool = False) -> None:
     d.blank()
     network(d, 'S', upscale=1, upsampler='', in_ch=3 if color else 1, window=JPEG['window'],
             stripes=JPEG['stripes'], df=JPEG['df'], geometry_note='JPEG experiment geometry',
-            source='task_configs.json small@jpeg')
+            source='official experiment small@jpeg')
     d.blank()
     train_sections(d, rel, finetune, ckpt, lr=JPEG['lr'], ft_lr=2e-5,
                    scratch=((JPEG['milestones'], JPEG['total']), {}),
@@ -765,7 +765,7 @@ def dm_train_file(finetune: bool = False) -> None:
     d.kv(4, 'modulo', 8, 'official: cropped to a multiple of 8 (top-left)')
     d.blank()
     network(d, 'S', upscale=1, upsampler='', in_ch=3, window=DM['window'], stripes=DM['stripes'], df=DM['df'],
-            geometry_note='DM experiment geometry', source='task_configs.json small@dm')
+            geometry_note='DM experiment geometry', source='official experiment small@dm')
     d.blank()
     train_sections(d, rel, finetune, ckpt, lr=DM['lr'], ft_lr=4e-5,
                    scratch=((DM['milestones'], DM['total'], 50000),
@@ -853,7 +853,7 @@ def motion_train_file(data: str, finetune: bool = False) -> None:
     d.kv(6, 'type', 'disk')
     d.blank()
     network(d, 'B', upscale=1, upsampler='', in_ch=3, window=MOTION['window'], stripes=MOTION['stripes'],
-            df=MOTION['df'], geometry_note='motion deblurring geometry', source='task_configs.json base@db_motion')
+            df=MOTION['df'], geometry_note='motion deblurring geometry', source='official experiment base@db_motion')
     d.blank()
     train_sections(d, rel, finetune, ckpt, lr=MOTION['lr'], ft_lr=5e-6,
                    scratch=((MOTION['milestones'], MOTION['total']),
@@ -959,7 +959,7 @@ def defocus_train_file(mode: str, finetune: bool = False) -> None:
     d.blank()
     network(d, 'B', upscale=1, upsampler='', in_ch=3 if mode == 'single' else 6, window=DEFOCUS['window'],
             stripes=DEFOCUS['stripes'], df=DEFOCUS['df'], geometry_note='defocus deblurring geometry',
-            out_ch=None if mode == 'single' else 3, source='task_configs.json base@db_defocus'
+            out_ch=None if mode == 'single' else 3, source='official experiment base@db_defocus'
             + ('' if mode == 'single' else ' + 6 input channels'))
     d.blank()
     train_sections(d, rel, finetune, ckpt, lr=DEFOCUS['lr'], ft_lr=1e-5,
@@ -1108,7 +1108,7 @@ def bsr_train_file(stage: str, finetune: bool = False) -> None:
     d.blank()
     network(d, 'B', upscale=4, upsampler='nearest+conv', in_ch=3, window=16, stripes=cfg['stripes'], df=4,
             geometry_note='BSR geometry', checkpointing=not gan,
-            source='task_configs.json ' + ('base_bsr@bsr' if gan else 'base@bsr_psnr'))
+            source='official experiment ' + ('base_bsr@bsr' if gan else 'base@bsr_psnr'))
     if gan:
         d.blank()
         disc(d)

@@ -20,12 +20,20 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+OFFICIAL_DATA = Path(__file__).resolve().parent / 'data'
 
 PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket')
 
 TINY_GRL = dict(type='GRL', in_channels=3, embed_dim=16, depths=[2], num_heads_window=[1],
                 num_heads_stripe=[1], window_size=4, stripe_size=[8, 8], stripe_groups=[None, None],
                 anchor_window_down_factor=2, mlp_ratio=2, drop_path_rate=0.0)
+
+
+def official(name: str) -> Any:
+    """Facts about the official GRL kept in ``tests/data`` (see its README): ``'state_dicts'``
+    (per model YAML: config, buffers then parameters in state-dict order, counts), ``'tasks'`` (per
+    experiment: resolved kwargs, pad size, counts, buffer shapes), ``'flops'`` (forward FLOPs)."""
+    return json.loads((OFFICIAL_DATA / f'official_{name}.json').read_text())
 
 
 def tiny_grl(scale: int) -> Dict[str, Any]:

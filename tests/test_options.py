@@ -1,6 +1,6 @@
 """The option files under ``options/``: in sync with ``options/generate.py``, loadable by BasicSR,
 naming registered components, building their networks with the official kwargs
-(``task_configs.json``), and -- shrunk to a tiny network and tiny real-image data -- training for
+(``tests/data/official_tasks.json``), and -- shrunk to a tiny network and tiny real-image data -- training for
 2 iterations through ``grl-train`` for every task. Also ``grl-train --dry-run``.
 """
 from __future__ import annotations
@@ -20,12 +20,11 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO_ROOT, make_lmdb, read_logs, run_cli
+from helpers import REPO_ROOT, make_lmdb, official, read_logs, run_cli
 
 OPTIONS = REPO_ROOT / 'options'
 OPTION_FILES = sorted(p.relative_to(OPTIONS).as_posix() for p in OPTIONS.rglob('*.yml')
                       if p.parent.name != 'hybrid')  # GRLUNet options: tests/test_blocks_in_archs.py
-TASK_CONFIGS = REPO_ROOT.parent / 'shared' / 'grl_reference' / 'task_configs.json'
 
 # Official task kwargs keys that have no effect (SPEC §1.1, B9) and are left out of the files.
 NO_EFFECT = {'name', 'img_size', 'double_window', 'stripe_square', 'separable_conv_act', 'use_buffer',
@@ -80,9 +79,7 @@ def family(rel: str) -> str:
 
 @pytest.fixture(scope='module')
 def task_configs():
-    if not TASK_CONFIGS.is_file():
-        pytest.skip(f'{TASK_CONFIGS} not available')
-    return json.loads(TASK_CONFIGS.read_text())['tasks']
+    return official('tasks')
 
 
 def expected_train_kwargs(rel: str, tasks) -> tuple:
@@ -217,7 +214,7 @@ def test_option_file(rel, task_configs):
         assert opt['logger']['use_tb_logger'] is True and opt['logger']['wandb']['project'] is None
         assert opt['val']['val_freq'] == 5000 and opt['val']['save_img'] is False
         assert train_ds['io_backend']['type'] == 'lmdb'
-        # network kwargs = the official ones (task_configs.json)
+        # network kwargs = the official ones (tests/data/official_tasks.json)
         key, expected, exact = expected_train_kwargs(rel, task_configs)
         got = {k: v for k, v in plain(net).items() if k not in ('type', 'drop_path_rate')}
         assert got == plain(expected), key

@@ -19,6 +19,7 @@ grl_arch = pytest.importorskip("grl_plugin.archs.grl_arch")
 GRL = grl_arch.GRL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import official  # noqa: E402
 from oracle.official_grl import BUFFER_NAMES, OfficialGRL  # noqa: E402
 
 TOL = 1e-4
@@ -330,15 +331,9 @@ def test_train_mode_equivalence_and_grads(kind):
     assert not bad, "\n".join(bad[:20])
 
 
-@pytest.mark.parametrize("fname", ["params_tiny.json", "params_small.json"])
-def test_state_dict_keys_and_order_match_official_params(fname):
-    import json
-
-    ref = Path(__file__).resolve().parents[2] / "shared" / "grl_reference" / fname
-    if not ref.is_file():
-        pytest.skip("reference data not available")
-    data = json.loads(ref.read_text())
+@pytest.mark.parametrize("spec", ["tiny", "small"])
+def test_state_dict_keys_and_order_match_official_params(spec):
+    data = official("state_dicts")[spec]
     model = GRL(**data["config"])
     got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    exp = [(e["key"], e["shape"]) for e in data["param_keys"]]
-    assert got == exp
+    assert got == [(key, shape) for key, shape in data["params"]]

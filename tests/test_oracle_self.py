@@ -1,10 +1,9 @@
 """Validate the test oracle (tests/oracle/official_grl.py) against the reference data of SPEC.md.
 
-Every expected value here comes from the reference files (params_*.json, task_configs.json,
-baseline_raw.json) or was worked out by hand from the formulas of SPEC 4.4 / 6.1-6.3; none is
+Every expected value here comes from the official reference facts (``tests/data/official_*.json``:
+state dicts, task configurations, forward FLOPs) or was worked out by hand from the formulas of SPEC 4.4 / 6.1-6.3; none is
 produced by the oracle code itself.
 """
-import json
 import math
 import sys
 from pathlib import Path
@@ -26,26 +25,15 @@ from oracle.official_grl import (  # noqa: E402
     get_stripe_info,
 )
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "grl_reference"
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason="GRL reference data not available")
+from helpers import official  # noqa: E402
 
-PARAM_FILES = {
-    "tiny": ("params_tiny.json", 906_192),
-    "small": ("params_small.json", 3_487_715),
-    "base": ("params_base.json", 20_201_299),
-    "base_sr_w32": ("params_base_sr_w32.json", 20_201_299),
-}
+PARAM_COUNTS = {"tiny": 906_192, "small": 3_487_715, "base": 20_201_299, "base_sr_w32": 20_201_299}
 
 # by hand: sign(t) * log2(|t| + 1) / log2(8) for t = 8 * (-1, -1/2, 0, 1/2, 1)
 L9 = 1.0566416671474375  # log2(9) / 3
 L5 = 0.7739760316291208  # log2(5) / 3
 V5 = [-L9, -L5, 0.0, L5, L9]
 NEG = -100.0
-
-
-def _load(name):
-    with open(REF / name) as f:
-        return json.load(f)
 
 
 def _count_by_top(model):
@@ -60,14 +48,14 @@ def _count_by_top(model):
 # ------------------------------------------------------------------------------------------------
 # state_dict structure
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", list(PARAM_FILES))
+@pytest.mark.parametrize("spec", list(PARAM_COUNTS))
 def test_state_dict_matches_params_json(spec):
-    fname, total = PARAM_FILES[spec]
-    ref = _load(fname)
+    total = PARAM_COUNTS[spec]
+    ref = official("state_dicts")[spec]
     model = OfficialGRL(**ref["config"])
     sd = model.state_dict()
     got = [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in sd.items()]
-    exp = [(e["key"], e["shape"], e["dtype"]) for e in ref["state_dict_keys"]]
+    exp = [tuple(e) for e in ref["buffers"]] + [(key, shape, "float32") for key, shape in ref["params"]]
     assert got == exp
     # buffers come first, exactly the 13 names
     assert [k for k, _, _ in got[:13]] == list(BUFFER_NAMES)
@@ -78,14 +66,16 @@ def test_state_dict_matches_params_json(spec):
     assert _count_by_top(model) == ref["params_per_top_module"]
     # mean is a plain attribute, not state
     assert "mean" not in sd
-    assert torch.allclose(model.mean.flatten(), torch.tensor(ref["non_state_tensors"]["mean"]["value"]))
+    assert torch.allclose(model.mean.flatten(), torch.tensor(ref["mean"]))
     # block 0 shapes
     b0 = {k[len("layers.0.blocks.0."):]: list(v.shape) for k, v in sd.items() if k.startswith("layers.0.blocks.0.")}
-    assert b0 == ref["block0_param_shapes"]
+    prefix = "layers.0.blocks.0."
+    assert b0 == {key[len(prefix):]: shape for key, shape in ref["params"] if key.startswith(prefix)}
+    assert len(b0) > 20
 
 
 def test_task_configs_params_and_buffers():
-    tasks = _load("task_configs.json")["tasks"]
+    tasks = official("tasks")
     assert len(tasks) >= 9
     for name, t in tasks.items():
         kwargs = dict(t["model_kwargs"])
@@ -134,12 +124,12 @@ def test_pad_size_examples():
 
 
 # ------------------------------------------------------------------------------------------------
-# FLOP counts of the official model (baseline_raw.json): a structural check of every matmul/conv
+# FLOP counts of the official model (tests/data/official_flops.json): a structural check of every matmul/conv
 # ------------------------------------------------------------------------------------------------
 def test_forward_flops_match_official_baseline():
     from torch.utils.flop_counter import FlopCounterMode
 
-    runs = _load("baseline_raw.json")["runs"]
+    runs = official("flops")
     assert len(runs) >= 12
     for r in runs:
         cfg = dict(r["config"])

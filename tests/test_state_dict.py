@@ -1,25 +1,20 @@
-"""State-dict layout and parameter counts against the official GRL (params_*.json, task_configs.json)."""
-import json
-from pathlib import Path
-
+"""State-dict layout and parameter counts against the official GRL (tests/data/official_*.json)."""
 import pytest
 import torch
 
 from grl_plugin import GRL, PRESET_KWARGS, PRESETS
+from helpers import official
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "grl_reference"
-
-
-def _load(name):
-    return json.loads((REF / name).read_text())
+STATE_DICTS = official("state_dicts")
+TASKS = official("tasks")
 
 
 @pytest.mark.parametrize("spec", ["tiny", "small", "base", "base_sr_w32"])
 def test_keys_and_shapes_equal_official(spec):
-    ref = _load(f"params_{spec}.json")
+    ref = STATE_DICTS[spec]
     model = GRL(**ref["config"])
     got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    want = [(p["key"], p["shape"]) for p in ref["param_keys"]]
+    want = [(key, shape) for key, shape in ref["params"]]
     assert got == want  # same keys, same order, same shapes; no size-dependent buffers
     assert sum(p.numel() for p in model.parameters()) == ref["num_params_total"]
     assert len(list(model.parameters())) == ref["num_param_tensors"]
@@ -36,7 +31,7 @@ def test_preset_parameter_counts(preset, count):
 
 def test_presets_match_official_model_yamls():
     for preset, spec in [("GRL_T", "tiny"), ("GRL_S", "small"), ("GRL_B", "base")]:
-        config = _load(f"params_{spec}.json")["config"]
+        config = STATE_DICTS[spec]["config"]
         for key, value in PRESET_KWARGS[preset].items():
             assert config[key] == value, (preset, key)
 
@@ -47,9 +42,9 @@ def test_presets_overridable_by_keyword():
     assert model.upsample.up[0].out_channels == 2 ** 2 * 3
 
 
-@pytest.mark.parametrize("task", sorted(_load("task_configs.json")["tasks"]))
+@pytest.mark.parametrize("task", sorted(TASKS))
 def test_task_config_parameter_counts_and_geometry(task):
-    cfg = _load("task_configs.json")["tasks"][task]
+    cfg = TASKS[task]
     model = GRL(**cfg["model_kwargs"])
     assert sum(p.numel() for p in model.parameters()) == cfg["num_params"]
     assert model.pad_size == cfg["pad_size"]
@@ -87,7 +82,7 @@ def test_weights_trained_at_one_size_run_at_another():
 def test_task_kwargs_equal_official_experiment_configs(task, family):
     from grl_plugin.archs.tasks import task_kwargs
 
-    ref = _load("task_configs.json")["tasks"][task]["model_kwargs"]
+    ref = TASKS[task]["model_kwargs"]
     got = task_kwargs(*family)
     assert {k: got[k] for k in got if k in ref} == {k: ref[k] for k in got if k in ref}
-    assert GRL(**got).pad_size == _load("task_configs.json")["tasks"][task]["pad_size"]
+    assert GRL(**got).pad_size == TASKS[task]["pad_size"]
