@@ -24,12 +24,13 @@ import grl_plugin  # noqa: F401 - import fixes + registration before basicsr
 from basicsr.data import build_dataset
 from basicsr.models import build_model
 
-from grl_plugin import compat
+from grl_plugin import patching
 from grl_plugin.archs.checkpoint import CheckpointError, check_fit, load_checkpoint, torch_load
 from grl_plugin.cli import convert as convert_cli
 from grl_plugin.cli import infer as infer_cli
 from grl_plugin.data import DualPixelDataset, GaussianNoiseDataset, JPEGDataset
 from grl_plugin.data.robust import DataError, SkipCorruptDataset, decode_image, error_line
+from grl_plugin.models.checkpoint_io import load_resume_state
 
 from helpers import make_lmdb, run_cli, write_test_options
 
@@ -137,8 +138,8 @@ def test_missing_lmdb_key_plugin_dataset(lmdb_data, tmp_path):
 
 
 def test_missing_lmdb_key_basicsr_paired_dataset(lmdb_data, tmp_path):
-    """BasicSR's LmdbBackend.get returns None for the missing key; the compat fix names it."""
-    assert 'fix_data_errors' in compat.applied()
+    """BasicSR's LmdbBackend.get returns None for the missing key; robust.install names it."""
+    assert patching.patches()['basicsr.utils.file_client:FileClient.get'] == 'grl_plugin.data.robust'
     gt = _copy_lmdb(lmdb_data['gt'], tmp_path, ['9999'])
     lq = _copy_lmdb(lmdb_data['lq'], tmp_path, ['9999'])
     opt = dict(name='pairs', type='PairedImageDataset', dataroot_gt=gt, dataroot_lq=lq, io_backend=dict(type='lmdb'),
@@ -150,7 +151,7 @@ def test_missing_lmdb_key_basicsr_paired_dataset(lmdb_data, tmp_path):
         ds[4]
     _one_line(info.value, "'9999'", gt)
     # what basicsr itself does: None, which imfrombytes then trips over
-    plain_get = compat.original('basicsr.utils.file_client', 'FileClient.get')
+    plain_get = patching.original('basicsr.utils.file_client', 'FileClient.get')
     assert plain_get(ds.file_client, '9999', 'gt') is None
 
 
@@ -166,9 +167,9 @@ def test_corrupt_png_basicsr_paired_folder_dataset(lmdb_data, tmp_path):
     _one_line(info.value, lq / '0002.png')
 
 
-def test_decode_image_matches_basicsr_and_rejects_truncated_jpeg(lmdb_data):
+def test_decode_image_matches_basicsr_and_follows_the_decoder(lmdb_data):
     png = (Path(lmdb_data['gt']).parent / 'tiny_GT_png' / '0000.png').read_bytes()
-    plain = compat.original('basicsr.utils.img_util', 'imfrombytes')
+    plain = patching.original('basicsr.utils.img_util', 'imfrombytes')
     from basicsr.utils import imfrombytes  # the patched one
     for flag in ('color', 'grayscale', 'unchanged'):
         for f32 in (False, True):
@@ -177,8 +178,16 @@ def test_decode_image_matches_basicsr_and_rejects_truncated_jpeg(lmdb_data):
     ok, jpg = cv2.imencode('.jpg', cv2.resize(rgb, (64, 64)))
     jpg = jpg.tobytes()
     assert decode_image(jpg, 'x.jpg').shape == (64, 64, 3)
-    with pytest.raises(DataError, match='x.jpg'):  # cut inside the image data (also without OpenCV's check)
-        decode_image(jpg[:-40], 'x.jpg')
+    # a "motion photo": a video appended after the JPEG's end-of-image marker decodes as the JPEG
+    motion = jpg + b'\x00\x00\x00\x18ftypmp42' + bytes(range(256)) * 8
+    assert np.array_equal(decode_image(motion, 'motion.jpg'), decode_image(jpg, 'x.jpg'))
+    assert np.array_equal(imfrombytes(motion, 'color', True), plain(motion, 'color', True))
+    cut = jpg[:-40]  # cut inside the image data: refused when (and only when) OpenCV refuses it
+    if cv2.imdecode(np.frombuffer(cut, np.uint8), cv2.IMREAD_COLOR) is None:
+        with pytest.raises(DataError, match='x.jpg'):
+            decode_image(cut, 'x.jpg')
+    else:
+        assert decode_image(cut, 'x.jpg').shape == (64, 64, 3)
     with pytest.raises(DataError, match='image data is empty'):
         imfrombytes(b'')
 
@@ -312,9 +321,9 @@ def test_unknown_global_needs_trust_checkpoint(tmp_path):
         torch.save({'iter': 7, 'epoch': 0, 'optimizers': [], 'schedulers': [], 'note': Note()}, state)
         opt = {'auto_resume': False, 'name': 't', 'num_gpu': 0, 'path': {'resume_state': str(state)}}
         with pytest.raises(CheckpointError, match='grl_bad_inputs_thirdparty.Note'):
-            compat.load_resume_state(copy.deepcopy(opt))
+            load_resume_state(copy.deepcopy(opt))
         opt['path'].update(trust_checkpoint=True, models=str(tmp_path / 'models'))
-        assert compat.load_resume_state(opt)['iter'] == 7
+        assert load_resume_state(opt)['iter'] == 7
     finally:
         del sys.modules[mod.__name__]
 
@@ -343,7 +352,7 @@ def test_truncated_pth_everywhere(tmp_path, capsys):
     torch.save({'iter': 5, 'epoch': 0, 'optimizers': [], 'schedulers': []}, state)
     state.write_bytes(state.read_bytes()[:200])
     with pytest.raises(CheckpointError, match='corrupt or truncated') as info:
-        compat.load_resume_state({'auto_resume': False, 'num_gpu': 0, 'path': {'resume_state': str(state)}})
+        load_resume_state({'auto_resume': False, 'num_gpu': 0, 'path': {'resume_state': str(state)}})
     _one_line(info.value, state)
 
 
@@ -372,18 +381,23 @@ def test_wrong_architecture_through_grl_model(tmp_path):
 
 
 def test_wrong_architecture_basicsr_network_and_check_fit(tmp_path):
-    """Non-GRL networks go through BasicSR's load_network (compat.fix_load_network)."""
-    assert 'fix_load_network' in compat.applied()
+    """Non-GRL networks in GRLModel load safely with one-line errors; BasicSR's own SRModel keeps
+    BasicSR's load_network (not patched), whose errors are RuntimeErrors like CheckpointError."""
+    assert 'basicsr.models.base_model:BaseModel.load_network' not in patching.patches()
     from basicsr.archs.srresnet_arch import MSRResNet
     path = tmp_path / 'msr_feat8.pth'
     torch.save({'params': MSRResNet(num_feat=8, num_block=1, upscale=2).state_dict()}, path)
     net = dict(type='MSRResNet', num_feat=16, num_block=1, upscale=2)
-    opt = dict(_model_opt(tmp_path, path, network=net), model_type='SRModel', scale=2)
+    opt = dict(_model_opt(tmp_path, path, network=net), model_type='GRLModel', scale=2)
     with pytest.raises(CheckpointError) as info:
         build_model(opt)
     msg = _one_line(info.value, path, 'weights do not fit the network (MSRResNet)')
     assert 'conv_first.weight: checkpoint (8, 3, 3, 3) vs network (16, 3, 3, 3)' in msg
-    good = dict(_model_opt(tmp_path, path, network=dict(net, num_feat=8)), model_type='SRModel', scale=2)
+    assert isinstance(info.value, RuntimeError)
+    with pytest.raises(RuntimeError, match='size mismatch') as plain:  # BasicSR's own model, as BasicSR has it
+        build_model(dict(opt, model_type='SRModel'))
+    assert not isinstance(plain.value, CheckpointError)
+    good = dict(_model_opt(tmp_path, path, network=dict(net, num_feat=8)), model_type='GRLModel', scale=2)
     model = build_model(good)  # weights_only load of a plain BasicSR file works
     assert model.net_g.conv_first.weight.shape == (8, 3, 3, 3)
     other_key = tmp_path / 'weights_key.pth'

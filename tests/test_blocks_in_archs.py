@@ -28,7 +28,7 @@ INSERT = [dict(after='body.1', depth=2, window_size=4, stripe_size=[8, 8], ancho
 def _register_hybrid():
     """Until the lead wires them into ``grl_plugin._register_all``."""
     from basicsr.utils.registry import ARCH_REGISTRY
-    from grl_plugin.compat import register
+    from grl_plugin.patching import register
     for cls in (GRLUNet, GRLInserted):
         if cls.__name__ not in ARCH_REGISTRY:
             register(ARCH_REGISTRY, cls)
@@ -293,7 +293,7 @@ USER_MODULE = '''
 import torch
 from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
-from grl_plugin.compat import register
+from grl_plugin.patching import register
 from grl_plugin.layers import GRLBlock, GRLStage
 
 
@@ -346,7 +346,7 @@ def test_hybrid_option_file_dry_run(tmp_path):
     # registers GRLUNet / GRLInserted if `import grl_plugin` does not (yet): idempotent otherwise
     (tmp_path / 'reg_hybrid.py').write_text(
         'from basicsr.utils.registry import ARCH_REGISTRY\n'
-        'from grl_plugin.compat import register\n'
+        'from grl_plugin.patching import register\n'
         'from grl_plugin.archs.hybrid_arch import GRLInserted, GRLUNet\n'
         'for c in (GRLUNet, GRLInserted):\n'
         '    register(ARCH_REGISTRY, c)\n', encoding='utf-8')

@@ -214,7 +214,7 @@ HASHING_MODEL = textwrap.dedent('''
     import torch.distributed as dist
     from basicsr.utils.registry import MODEL_REGISTRY
 
-    from grl_plugin import compat
+    from grl_plugin.patching import register
     from helpers import state_hash
 
     if 'GRLModel' in MODEL_REGISTRY:
@@ -240,7 +240,7 @@ HASHING_MODEL = textwrap.dedent('''
             self._write_hash('latest' if current_iter == -1 else str(current_iter))
 
 
-    compat.register(MODEL_REGISTRY, HashingSRModel)
+    register(MODEL_REGISTRY, HashingSRModel)
 ''')
 
 

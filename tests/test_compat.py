@@ -98,7 +98,7 @@ def _make_class(name='Net', module='grl_plugin.archs.fake'):
 
 
 def test_register_is_idempotent(registry):
-    from grl_plugin.compat import register
+    from grl_plugin.patching import register
     cls = _make_class()
     assert register(registry, cls) is cls
     assert register(registry, cls) is cls
@@ -107,7 +107,7 @@ def test_register_is_idempotent(registry):
 
 
 def test_register_same_qualname_after_reload_replaces(registry):
-    from grl_plugin.compat import register
+    from grl_plugin.patching import register
     old, new = _make_class(), _make_class()
     assert old is not new
     register(registry, old)
@@ -117,7 +117,7 @@ def test_register_same_qualname_after_reload_replaces(registry):
 
 
 def test_register_with_explicit_name(registry):
-    from grl_plugin.compat import register
+    from grl_plugin.patching import register
     cls = _make_class()
     register(registry, cls, name='Alias')
     register(registry, cls, name='Alias')
@@ -125,7 +125,7 @@ def test_register_with_explicit_name(registry):
 
 
 def test_register_conflict_raises(registry):
-    from grl_plugin.compat import register
+    from grl_plugin.patching import register
     register(registry, _make_class())
     other = _make_class(module='someone.else')
     with pytest.raises(ValueError, match=r"'Net'.*grl_plugin\.archs\.fake\.Net"):

@@ -54,23 +54,24 @@ def test_apply_basicsr_is_idempotent_and_recorded(compat):
     assert compat.apply_basicsr() == first == compat.applied()
     assert objs == (basicsr.train.load_resume_state, basicsr.train.parse_options, BaseModel.get_optimizer)
     assert len(first) == len(set(first))
-    for name in ('fix_resume_state', 'fix_optimizers', 'fix_device_options'):  # needed with basicsr 1.4.2
+    for name in ('fix_optimizers', 'fix_device_options'):  # needed with basicsr 1.4.2
         assert name in first
     if not CUDA:
         assert 'fix_dist_init_cpu' in first and 'fix_ddp_cpu' in first
     # every patch remembers what it replaced
     assert compat.original('basicsr.train', 'load_resume_state').__module__ == 'basicsr.train'
+    assert compat.original('basicsr.train', 'parse_options').__module__ == 'basicsr.utils.options'
     assert compat.original('basicsr.models.base_model', 'BaseModel.get_optimizer').__module__ == \
         'basicsr.models.base_model'
 
 
 def test_package_import_applies_pipeline_fixes():
-    res = run_cli(['-c', 'import grl_plugin, basicsr.train\nfrom grl_plugin import compat\n'
-                   'print(getattr(basicsr.train.load_resume_state, "_grl_compat_patch", False))'], os.getcwd(),
-                  timeout=120)
+    res = run_cli(['-c', 'import grl_plugin, basicsr.train\nfrom grl_plugin import compat, patching\n'
+                   'print(sorted(set(patching.patches().values())), "fix_optimizers" in compat.applied())'],
+                  os.getcwd(), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    if res.stdout.strip() != 'True':
-        pytest.xfail('grl_plugin/__init__.py does not call compat.apply_basicsr() yet')
+    assert res.stdout.strip() == ("['grl_plugin.compat', 'grl_plugin.data.robust', 'grl_plugin.models.checkpoint_io', "
+                                  "'grl_plugin.models.exact_resume'] True")
 
 
 # --- 1. resume ----------------------------------------------------------------------------
@@ -255,12 +256,13 @@ def test_parse_options_wrapper(compat, data, tmp_path, monkeypatch):
     yml = write_options(tmp_path, data, name='wrapped', num_gpu=1,
                         datasets={'train': {'prefetch_mode': 'cuda', 'pin_memory': True}})
     monkeypatch.setattr(sys, 'argv', ['grl-train', '-opt', str(yml)])
-    monkeypatch.setattr(compat, '_PENDING_WARNINGS', [])
+    from grl_plugin import patching
+    monkeypatch.setattr(patching, '_PENDING', [])
     opt, _ = basicsr.train.parse_options(str(tmp_path), is_train=True)
     expected = ('cuda', 1) if CUDA else ('cpu', 0)
     assert (opt['datasets']['train']['prefetch_mode'], opt['num_gpu']) == expected
-    assert len(compat._PENDING_WARNINGS) == (0 if CUDA else 2)
-    assert getattr(basicsr.test.parse_options, '_grl_compat_patch', False)
+    assert len(patching._PENDING) == (0 if CUDA else 2)
+    assert patching.is_patched('basicsr.test', 'parse_options')
 
     # the warnings go to basicsr's logger once the pipeline has created it
     records = []
@@ -268,9 +270,8 @@ def test_parse_options_wrapper(compat, data, tmp_path, monkeypatch):
     handler.emit = records.append
     logger = logging.getLogger('grl_compat_test_logger')
     logger.addHandler(handler)
-    wrapped = compat._wrap_get_root_logger(lambda **kw: logger)
-    assert wrapped(log_file='x') is logger
-    assert len(records) == (0 if CUDA else 2) and compat._PENDING_WARNINGS == []
+    assert basicsr.train.get_root_logger(logger_name='grl_compat_test_logger') is logger
+    assert len(records) == (0 if CUDA else 2) and patching._PENDING == []
 
 
 @needs_no_cuda

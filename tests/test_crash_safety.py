@@ -24,7 +24,9 @@ import pytest
 import torch
 
 import grl_plugin  # noqa: F401 - registers, applies the compat fixes
-from grl_plugin import compat
+from grl_plugin import patching
+from grl_plugin.models import checkpoint_io, exact_resume
+from grl_plugin.models.grl_model import GRLModel
 from helpers import make_lmdb, read_logs, run_cli, state_hash, write_options
 
 
@@ -51,12 +53,12 @@ def _partial_torch_save(real_save, fraction=0.5):
 
 def test_atomic_save_keeps_the_old_file_when_the_write_dies(tmp_path, monkeypatch):
     path = tmp_path / '4.state'
-    compat.atomic_save({'iter': 4, 'w': torch.arange(1000)}, path)
+    checkpoint_io.atomic_save({'iter': 4, 'w': torch.arange(1000)}, path)
     assert torch.load(path)['iter'] == 4
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # same mode as torch.save
     monkeypatch.setattr(torch, 'save', _partial_torch_save(torch.save))
     with pytest.raises(OSError, match='simulated'):
-        compat.atomic_save({'iter': 4, 'w': torch.zeros(1000)}, path)
+        checkpoint_io.atomic_save({'iter': 4, 'w': torch.zeros(1000)}, path)
     assert torch.equal(torch.load(path)['w'], torch.arange(1000))  # old content intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ['4.state']  # temporary file removed
 
@@ -70,20 +72,24 @@ def _umask():
 def _stand_in_model(folder):
     p = torch.nn.Parameter(torch.ones(3))
     optim = torch.optim.Adam([p], lr=1e-3)
-    return types.SimpleNamespace(opt={'path': {'models': str(folder), 'training_states': str(folder)}},
-                                 optimizers=[optim], schedulers=[], get_bare_model=lambda n: n)
+    model = types.SimpleNamespace(opt={'path': {'models': str(folder), 'training_states': str(folder)}},
+                                  optimizers=[optim], schedulers=[], get_bare_model=lambda n: n,
+                                  _rank_world=lambda: (0, 1), _gather=lambda obj: [obj])
+    model.training_state = lambda epoch, it: GRLModel.training_state(model, epoch, it)
+    return model
 
 
-def test_basicsr_writes_checkpoints_in_place_and_the_fix_does_not(tmp_path, monkeypatch):
+def test_basicsr_writes_checkpoints_in_place_and_grl_model_does_not(tmp_path, monkeypatch):
     import basicsr.models.base_model as base_model
     from basicsr.models.base_model import BaseModel
-    assert 'fix_atomic_checkpoints' in compat.applied()
+    assert not [k for k in patching.patches() if k.startswith('basicsr.models.base_model:BaseModel.save')]
     monkeypatch.setattr(base_model.time, 'sleep', lambda s: None)  # basicsr retries 3 times, 1 s apart
+    monkeypatch.setattr(checkpoint_io.time, 'sleep', lambda s: None)
     model, net = _stand_in_model(tmp_path), torch.nn.Linear(4, 4)
     for which, call in (('save_training_state', lambda f: f(model, 0, 2)),
                         ('save_network', lambda f: f(model, net, 'net_g', 2))):
         path = tmp_path / ('2.state' if which == 'save_training_state' else 'net_g_2.pth')
-        original = compat.original('basicsr.models.base_model', f'BaseModel.{which}')
+        original = getattr(BaseModel, which)
         call(original)
         good = path.read_bytes()
         real_save = torch.save
@@ -93,10 +99,10 @@ def test_basicsr_writes_checkpoints_in_place_and_the_fix_does_not(tmp_path, monk
         with pytest.raises(Exception):
             torch.load(path)
         monkeypatch.setattr(torch, 'save', real_save)
-        call(getattr(BaseModel, which))  # the fix: a complete file again...
+        call(getattr(GRLModel, which))  # GRLModel: a complete file again...
         good = path.read_bytes()
         monkeypatch.setattr(torch, 'save', _partial_torch_save(real_save))
-        call(getattr(BaseModel, which))  # ...that a failing save never touches
+        call(getattr(GRLModel, which))  # ...that a failing save never touches
         monkeypatch.setattr(torch, 'save', real_save)
         assert path.read_bytes() == good
         torch.load(path)
@@ -135,23 +141,23 @@ def test_stray_temp_files_never_break_auto_resume(tmp_path, monkeypatch):
     for folder, target in ((states, '8.state'), (models, 'net_g_10.pth')):
         with pytest.raises(OSError):
             with monkeypatch.context() as m:
-                m.setattr(compat, '_fsync_dir', lambda d: None)
+                m.setattr(checkpoint_io, '_fsync_dir', lambda d: None)
                 m.setattr(os, 'unlink', lambda p: None)  # as if killed before the cleanup
                 m.setattr(torch, 'save', _partial_torch_save(torch.save))
-                compat.atomic_save({'iter': 8}, folder / target)
-    stray = [p.name for p in states.iterdir() if p.name.endswith(compat.TEMP_SUFFIX)]
+                checkpoint_io.atomic_save({'iter': 8}, folder / target)
+    stray = [p.name for p in states.iterdir() if p.name.endswith(checkpoint_io.TEMP_SUFFIX)]
     assert len(stray) == 1 and stray[0].startswith('.8.state.'), stray
     # basicsr's own listing (float() of every "*state" name) is not disturbed by it
     listed = [float(v.split('.state')[0]) for v in scandir(str(states), suffix='state', recursive=False)]
     assert sorted(listed) == [2.0, 4.0, 6.0]
-    compat._PENDING_WARNINGS.clear()
+    patching._PENDING.clear()
     opt = _opt_for(tmp_path, exp)
-    state = compat.load_resume_state(opt)
+    state = checkpoint_io.load_resume_state(opt)
     assert state['iter'] == 6 and opt['path']['resume_state'] == str(states / '6.state')
     assert opt['path']['pretrain_network_g'] == str(models / 'net_g_6.pth')
-    assert not [p for p in (*states.iterdir(), *models.iterdir()) if p.name.endswith(compat.TEMP_SUFFIX)]
-    assert any('Removed 2 unfinished checkpoint file(s)' in w for w in compat._PENDING_WARNINGS)
-    compat._PENDING_WARNINGS.clear()
+    assert not [p for p in (*states.iterdir(), *models.iterdir()) if p.name.endswith(checkpoint_io.TEMP_SUFFIX)]
+    assert any('Removed 2 unfinished checkpoint file(s)' in w for w in patching._PENDING)
+    patching._PENDING.clear()
 
 
 def test_auto_resume_skips_states_whose_networks_are_missing_or_truncated(tmp_path):
@@ -161,26 +167,26 @@ def test_auto_resume_skips_states_whose_networks_are_missing_or_truncated(tmp_pa
     data = (models / 'net_d_6.pth').read_bytes()
     (models / 'net_d_6.pth').write_bytes(data[:len(data) // 2])  # truncated (a non-atomic writer died)
     (exp / 'training_states' / '4.state').write_bytes(b'')  # unreadable state
-    compat._PENDING_WARNINGS.clear()
+    patching._PENDING.clear()
     opt = _opt_for(tmp_path, exp, network_d={'type': 'UNetDiscriminatorSN'})
-    state = compat.load_resume_state(opt)
+    state = checkpoint_io.load_resume_state(opt)
     assert state['iter'] == 2
     assert opt['path']['pretrain_network_g'].endswith('net_g_2.pth')
     assert opt['path']['pretrain_network_d'].endswith('net_d_2.pth')
-    warning = ' '.join(compat._PENDING_WARNINGS)
+    warning = ' '.join(patching._PENDING)
     assert 'net_g_8.pth is missing' in warning and 'net_d_6.pth is incomplete' in warning and '4.state' in warning
-    compat._PENDING_WARNINGS.clear()
+    patching._PENDING.clear()
     # ignore_resume_networks: net_d is not resumed, so its file does not matter
     opt = _opt_for(tmp_path, exp, network_d={'type': 'UNetDiscriminatorSN'})
     opt['path']['ignore_resume_networks'] = ['network_d']
-    assert compat.load_resume_state(opt)['iter'] == 6
-    compat._PENDING_WARNINGS.clear()
+    assert checkpoint_io.load_resume_state(opt)['iter'] == 6
+    patching._PENDING.clear()
     # states exist, none usable: one line instead of silently starting again at iteration 0
     for p in models.iterdir():
         p.unlink()
-    with pytest.raises(compat.CompatError, match='no usable training state'):
-        compat.load_resume_state(_opt_for(tmp_path, exp))
-    compat._PENDING_WARNINGS.clear()
+    with pytest.raises(grl_plugin.CheckpointError, match='no usable training state'):
+        checkpoint_io.load_resume_state(_opt_for(tmp_path, exp))
+    patching._PENDING.clear()
 
 
 # ----------------------------------------------------------------- exact resume (in process)
@@ -207,9 +213,9 @@ def _loader(dataset, sampler_cls):
 
 def test_prefetcher_resumes_inside_the_epoch_without_loading(tmp_path):
     import basicsr.train
-    assert 'fix_exact_resume' in compat.applied()
-    orig_sampler = compat.original('basicsr.train', 'EnlargedSampler')
-    orig_prefetcher = compat.original('basicsr.train', 'CPUPrefetcher')
+    assert patching.patches()['basicsr.train:CPUPrefetcher'] == 'grl_plugin.models.exact_resume'
+    orig_sampler = patching.original('basicsr.train', 'EnlargedSampler')
+    orig_prefetcher = patching.original('basicsr.train', 'CPUPrefetcher')
     assert basicsr.train.CPUPrefetcher is not orig_prefetcher
 
     def batches(prefetcher, n):
@@ -227,7 +233,7 @@ def test_prefetcher_resumes_inside_the_epoch_without_loading(tmp_path):
     loader.sampler.set_epoch(3)
     pre.reset()
     batches(pre, 2)
-    progress, rng = compat.training_progress(), compat.get_rng_state()
+    progress, rng = exact_resume.training_progress(), exact_resume.get_rng_state()
     assert progress['batches'] == 2 and progress['epoch'] == 3 and progress['num_batches'] == 5
     expected = batches(pre, 4)
     assert expected[-1] is None
@@ -247,13 +253,13 @@ def test_prefetcher_resumes_inside_the_epoch_without_loading(tmp_path):
     ds2 = _CountingDataset()
     loader2 = _loader(ds2, basicsr.train.EnlargedSampler)
     pre2 = basicsr.train.CPUPrefetcher(loader2)
-    compat.resume_progress(progress, rng)
+    exact_resume.resume_progress(progress, rng)
     loader2.sampler.set_epoch(3)
     ds2.loaded = 0
     pre2.reset()
     assert batches(pre2, 4) == expected
     assert ds2.loaded == 6  # the 3 remaining batches only: the skipped ones were never loaded
-    assert compat.training_progress()['batches'] == 5
+    assert exact_resume.training_progress()['batches'] == 5
 
 
 @pytest.fixture
@@ -289,7 +295,7 @@ def test_cuda_prefetcher_resumes_with_the_rng_of_its_look_ahead(cpu_cuda_streams
     loader.sampler.set_epoch(1)
     pre.reset()
     train(pre, 2)
-    progress, rng = compat.training_progress(), compat.get_rng_state()
+    progress, rng = exact_resume.training_progress(), exact_resume.get_rng_state()
     assert progress['batches'] == 2 and progress['rng_before_prefetch'] is not None
     expected = train(pre, 4)
     assert expected[-1] is None
@@ -298,7 +304,7 @@ def test_cuda_prefetcher_resumes_with_the_rng_of_its_look_ahead(cpu_cuda_streams
     ds2 = _CountingDataset()
     loader2 = _loader(ds2, basicsr.train.EnlargedSampler)
     pre2 = basicsr.train.CUDAPrefetcher(loader2, {'num_gpu': 0})
-    compat.resume_progress(progress, rng)
+    exact_resume.resume_progress(progress, rng)
     loader2.sampler.set_epoch(1)
     ds2.loaded = 0
     pre2.reset()
@@ -405,7 +411,7 @@ def test_nan_loss_skips_the_step_and_stops_after_nan_tolerance(tmp_path, basicsr
         model.optimize_parameters(7)
     msg = str(err.value)
     assert '\n' not in msg and 'iteration 7: 3 iterations in a row with a non-finite loss (l_pix=nan)' in msg
-    assert 'train.nan_tolerance: 3' in msg and isinstance(err.value, compat.CompatError)
+    assert 'train.nan_tolerance: 3' in msg and isinstance(err.value, RuntimeError)
 
     with pytest.raises(ValueError, match='nan_tolerance'):
         build_model(_model_opt(tmp_path, nan_tolerance=0))
@@ -492,8 +498,8 @@ def test_realesrnet_training_state_restores_the_training_pair_pool(tmp_path):
         if not restore_pool:
             del resumed['degradation_queue']  # what a BasicSR training state holds
         b.resume_training(resumed)
-        compat._RESUME['pending'] = None  # no train prefetcher here: restore the RNG states by hand
-        compat.set_rng_state(state['exact_resume'][0]['rng'])
+        exact_resume.forget_pending_resume()  # no train prefetcher here: restore the RNG states by hand
+        exact_resume.set_rng_state(state['exact_resume'][0]['rng'])
         if restore_pool:
             assert steps(b, (3, 4)) == expected
         else:
@@ -514,7 +520,7 @@ import torch
 import torch.nn.functional as F
 from basicsr.utils.registry import LOSS_REGISTRY, MODEL_REGISTRY
 
-from grl_plugin import compat
+from grl_plugin.patching import register
 from grl_plugin.models import GRLModel
 
 
@@ -554,8 +560,8 @@ class NaNFromL1Loss(torch.nn.Module):
         return loss * float('nan') if self.calls >= self.nan_from else loss
 
 
-compat.register(MODEL_REGISTRY, CrashTestGRLModel)
-compat.register(LOSS_REGISTRY, NaNFromL1Loss)
+register(MODEL_REGISTRY, CrashTestGRLModel)
+register(LOSS_REGISTRY, NaNFromL1Loss)
 '''
 
 _ITER_LINE = re.compile(r'iter:\s*([\d,]+), lr:.*?l_pix: (\S+)')
@@ -603,7 +609,7 @@ def test_kill_9_then_auto_resume_logs_the_same_losses(cli_data, tmp_path):
     res = _train(cli_data, run_opt, root, '--auto_resume', GRL_KILL_AT=6, GRL_KILL_MODE='during_state')
     assert res.returncode == -signal.SIGKILL, _fail_msg(res)
     assert (exp / 'models' / 'net_g_6.pth').is_file() and not (exp / 'training_states' / '6.state').exists()
-    stray = [p.name for p in (exp / 'training_states').iterdir() if p.name.endswith(compat.TEMP_SUFFIX)]
+    stray = [p.name for p in (exp / 'training_states').iterdir() if p.name.endswith(checkpoint_io.TEMP_SUFFIX)]
     assert len(stray) == 1 and stray[0].startswith('.6.state.'), stray
     # 3. resumed again (from 4: the interrupted 6.state never became a state) up to the end
     res = _train(cli_data, run_opt, root, '--auto_resume')
@@ -616,7 +622,7 @@ def test_kill_9_then_auto_resume_logs_the_same_losses(cli_data, tmp_path):
     assert 'Resuming inside epoch 1: skipping the 1 batch(es) already trained on; RNG states restored.' in last
     assert 'Removed 1 unfinished checkpoint file(s)' in last
     assert [p.name for p in (exp / 'training_states').iterdir()] and \
-        not [p for p in (exp / 'training_states').iterdir() if p.name.endswith(compat.TEMP_SUFFIX)]
+        not [p for p in (exp / 'training_states').iterdir() if p.name.endswith(checkpoint_io.TEMP_SUFFIX)]
     runs = [_losses(p.read_text()) for p in logs]
     assert [it for it, _ in runs[0]] == [1, 2, 3, 4]
     assert [it for it, _ in runs[1]] == [5, 6]
@@ -653,7 +659,7 @@ def test_nan_losses_in_a_row_stop_grl_train_with_one_line(cli_data, tmp_path):
     params = torch.load(exp / 'models' / 'net_g_4.pth')['params']
     assert all(torch.isfinite(v).all() for v in params.values())
     # the last good checkpoint is what --auto_resume picks
-    state = compat.load_resume_state({'name': 'nan_run', 'auto_resume': True, 'root_path': str(root), 'num_gpu': 0,
+    state = checkpoint_io.load_resume_state({'name': 'nan_run', 'auto_resume': True, 'root_path': str(root), 'num_gpu': 0,
                                       'rank': 0, 'network_g': {}, 'path': {
                                           'resume_state': None, 'models': str(exp / 'models'),
                                           'training_states': str(exp / 'training_states')}})

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import yaml
 
-__all__ = ['CheckpointError', 'CheckpointWarning', 'ModelKwargs', 'load_checkpoint', 'save_converted',
+__all__ = ['CheckpointError', 'CheckpointNotFoundError', 'CheckpointReadError', 'CheckpointWarning', 'ModelKwargs', 'load_checkpoint', 'save_converted',
            'infer_kwargs', 'infer_geometry', 'torch_load', 'fit_problems', 'check_fit', 'GRL_KWARGS',
            'GEOMETRY_KEYS', 'BUFFER_KEYS']
 
@@ -51,8 +51,17 @@ _TOP = ('conv_first.', 'norm_start.', 'layers.', 'norm_end.', 'conv_after_body.'
         'upsample.', 'conv_up1.', 'conv_up2.', 'conv_hr.', 'conv_last.')
 
 
-class CheckpointError(ValueError):
-    """The file cannot be read or holds no usable GRL weights (one-line message naming the file)."""
+class CheckpointError(ValueError, RuntimeError):
+    """The file cannot be read or holds no usable GRL weights (one-line message naming the file).
+    A ``RuntimeError`` as what ``torch.load`` / ``load_state_dict`` raise in BasicSR's loaders."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The file does not exist (also a ``FileNotFoundError``, as from ``torch.load``)."""
+
+
+class CheckpointReadError(CheckpointError, OSError):
+    """The file exists but cannot be read (also an ``OSError``, as from ``torch.load``)."""
 
 
 class CheckpointWarning(UserWarning):
@@ -230,14 +239,14 @@ def torch_load(path: str | Path, *, trust: bool = False, map_location: Any = 'cp
     path = Path(path)
     try:
         if not path.is_file():
-            raise CheckpointError('no such file')
+            raise CheckpointNotFoundError('no such file')
         if path.stat().st_size == 0:
             raise CheckpointError('empty file')
         return _torch_load(path, trust, map_location)
     except CheckpointError as err:
-        raise CheckpointError(f'{path}: {err}') from None
+        raise type(err)(f'{path}: {err}') from None
     except OSError as err:
-        raise CheckpointError(f'{path}: cannot read ({err.strerror or _one_line(err)})') from None
+        raise CheckpointReadError(f'{path}: cannot read ({err.strerror or _one_line(err)})') from None
 
 
 def _shape(value: Any) -> str:
@@ -467,7 +476,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False, map_location: Any 
     path = Path(path)
     try:
         if not path.is_file():
-            raise CheckpointError('no such file')
+            raise CheckpointNotFoundError('no such file')
         with open(path, 'rb') as f:
             head = f.read(9)
         if not head:
@@ -489,7 +498,9 @@ def load_checkpoint(path: str | Path, *, trust: bool = False, map_location: Any 
                 raise CheckpointError(msg)
             warnings.warn(f'{path}: {msg}', CheckpointWarning, stacklevel=2)
     except CheckpointError as err:
-        raise CheckpointError(f'{path}: {err}') from None
+        raise type(err)(f'{path}: {err}') from None
+    except OSError as err:
+        raise CheckpointReadError(f'{path}: cannot read ({err.strerror or _one_line(err)})') from None
     return sd, kwargs
 
 

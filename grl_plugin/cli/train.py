@@ -240,12 +240,13 @@ def run(mode: str, argv: Optional[Sequence[str]] = None) -> int:
 
     from grl_plugin.archs.checkpoint import CheckpointError
     from grl_plugin.data.robust import DataError, error_line
+    from grl_plugin.models import NonFiniteLossError
     saved_argv = sys.argv
     sys.argv = [prog] + rest
     try:
         pipeline(root)
         compat.finish_distributed()
-    except compat.CompatError as err:
+    except (compat.CompatError, NonFiniteLossError) as err:
         print(f'{prog}: error: {err}', file=sys.stderr)
         return 2
     except (CheckpointError, DataError) as err:  # bad weights/state or data file: one line naming it

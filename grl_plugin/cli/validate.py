@@ -46,7 +46,7 @@ OPTION, PATH = 'option', 'path'
 COMMON_DATASET_KEYS = frozenset({
     'name', 'type', 'phase', 'scale', 'batch_size_per_gpu', 'num_worker_per_gpu', 'use_shuffle',
     'dataset_enlarge_ratio', 'prefetch_mode', 'num_prefetch_queue', 'pin_memory', 'persistent_workers',
-    'gt_size', 'skip_corrupt'})  # skip_corrupt: grl_plugin.data.robust (compat.fix_skip_corrupt for basicsr's)
+    'gt_size', 'skip_corrupt'})  # skip_corrupt: grl_plugin.data.robust (also for basicsr's)
 
 #: Keys of ``val.tile`` (:meth:`grl_plugin.models.GRLModel.test`).
 TILE_KEYS = ('size', 'overlap', 'blend')

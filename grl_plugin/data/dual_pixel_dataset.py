@@ -10,7 +10,7 @@ from basicsr.utils import FileClient, img2tensor, scandir
 from torch.utils import data
 
 from .base import check_gt_size, crop_and_augment_all, dataset_name
-from .robust import DataError, get_item, read_image
+from .robust import DataDecodeError, get_item, read_image
 
 _ROOTS = (("gt", "dataroot_gt"), ("lq_left", "dataroot_lq_left"), ("lq_right", "dataroot_lq_right"))
 
@@ -102,7 +102,7 @@ class DualPixelDataset(data.Dataset):
         paths = self.items[index]
         imgs = [self._read(p, client) for p, (client, _) in zip(paths, _ROOTS)]
         if any(im.shape != imgs[0].shape for im in imgs):
-            raise DataError(f"{self.name}: sizes differ for {paths[0]!r}: {[im.shape for im in imgs]}")
+            raise DataDecodeError(f"{self.name}: sizes differ for {paths[0]!r}: {[im.shape for im in imgs]}")
         if self.opt.get("phase") == "train":
             imgs = crop_and_augment_all(imgs, self.opt["gt_size"], self.opt.get("use_hflip", True),
                                         self.opt.get("use_rot", True))

@@ -31,15 +31,20 @@ Robustness (also in the Real-ESR models of :mod:`grl_plugin.models.realesrgan_mo
   :class:`NonFiniteLossError` (``grl-train: error: ...``, exit status 2). No checkpoint is written
   while such a streak lasts, so the newest checkpoint is the last good one. Under
   ``--launcher pytorch`` the decision is all-reduced (every rank skips together).
-* **Crash safety / exact resume.** Checkpoints are written atomically
-  (:func:`grl_plugin.compat.atomic_save`). The training state also holds the RNG states
-  (python, numpy, torch, CUDA; one per rank), the position inside the epoch
-  (:func:`grl_plugin.compat.training_progress`) and the fp16 GradScaler; ``resume_training``
-  hands them to :func:`grl_plugin.compat.resume_progress`, so with a fixed ``manual_seed``,
+* **Crash safety / exact resume.** Networks and training states are written atomically
+  (:func:`grl_plugin.models.checkpoint_io.atomic_save`). The training state also holds the RNG
+  states (python, numpy, torch, CUDA; one per rank), the position inside the epoch
+  (:func:`grl_plugin.models.exact_resume.training_progress`) and the fp16 GradScaler;
+  ``resume_training`` hands them to :func:`~grl_plugin.models.exact_resume.resume_progress`, so
+  with a fixed ``manual_seed``,
   ``num_worker_per_gpu: 0`` and ``prefetch_mode: null`` a run killed and resumed with
   ``--auto_resume`` logs the same losses as a run never interrupted. Validation leaves the RNG
   states as it found them (training randomness does not depend on ``val_freq``). States written
   by BasicSR (no RNG/position) resume as BasicSR does (the epoch restarts).
+* **Safe loading.** Weights are read with ``weights_only`` unless ``path.trust_checkpoint: true``;
+  a file that cannot be read or does not fit raises a one-line
+  :class:`~grl_plugin.archs.checkpoint.CheckpointError` (a ``RuntimeError``, as BasicSR's
+  ``load_network`` raises) naming the file and the first differing keys.
 """
 from __future__ import annotations
 
@@ -56,11 +61,12 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from tqdm import tqdm
 
-from .. import compat
-from ..archs.checkpoint import CheckpointWarning, check_fit, load_checkpoint
+from ..archs.checkpoint import CheckpointError, CheckpointWarning, check_fit, load_checkpoint, torch_load
 from ..archs.grl_arch import GRL
 from ..layers import compile_blocks, set_lean_backward
 from ..tiling import tiled_forward
+from .checkpoint_io import save_checkpoint_file, trust_checkpoint
+from .exact_resume import get_rng_state, resume_progress, set_rng_state, training_progress
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
               "float16": torch.float16}
@@ -81,7 +87,7 @@ def _amp_dtype(value, device: torch.device, where: str):
 DEFAULT_NAN_TOLERANCE = 5
 
 
-class NonFiniteLossError(compat.CompatError):
+class NonFiniteLossError(RuntimeError):
     """``train.nan_tolerance`` iterations in a row had a non-finite loss: training stopped
     (one-line message; ``grl-train`` prints it as ``grl-train: error: ...``, exit status 2)."""
 
@@ -129,25 +135,61 @@ class GRLModel(SRModel):
         return getattr(net, "_orig_mod", net)
 
     def load_network(self, net, load_path, strict=True, param_key="params"):
-        """Load GRL weights from any format ``load_checkpoint`` reads; other nets as BasicSR does."""
+        """GRL weights from any format ``load_checkpoint`` reads; other networks from BasicSR files
+        (``param_key``, falling back to ``params``). Both read safely (module docstring)."""
         bare = self.get_bare_model(net)
-        if not isinstance(bare, GRL):
-            return super().load_network(net, load_path, strict, param_key)
-        with warnings.catch_warnings():  # geometry not stored in the file: network_g gives it
-            warnings.simplefilter("ignore", CheckpointWarning)
-            state_dict, kwargs = load_checkpoint(load_path, key=param_key,  # path.trust_checkpoint: true
-                                                 trust=(self.opt.get("path") or {}).get("trust_checkpoint") is True)
         logger = get_root_logger()
-        logger.info(f"Loading GRL weights from {load_path} ({kwargs.format}).")
-        for name in ("window_size", "stripe_size", "stripe_groups", "anchor_window_down_factor"):
-            if name in kwargs and kwargs.origin.get(name) != "assumed" and \
-                    list(_as_list(kwargs[name])) != list(_as_list(getattr(bare, name, None))):
-                logger.warning(f"  {name}: checkpoint was trained with {kwargs[name]!r}, network uses "
-                               f"{getattr(bare, name, None)!r}")
+        trust = trust_checkpoint(self.opt)
+        what = "network_g (GRL)" if isinstance(bare, GRL) else f"the network ({type(bare).__name__})"
+        if isinstance(bare, GRL):
+            with warnings.catch_warnings():  # geometry not stored in the file: network_g gives it
+                warnings.simplefilter("ignore", CheckpointWarning)
+                state_dict, kwargs = load_checkpoint(load_path, key=param_key, trust=trust)
+            logger.info(f"Loading GRL weights from {load_path} ({kwargs.format}).")
+            for name in ("window_size", "stripe_size", "stripe_groups", "anchor_window_down_factor"):
+                if name in kwargs and kwargs.origin.get(name) != "assumed" and \
+                        list(_as_list(kwargs[name])) != list(_as_list(getattr(bare, name, None))):
+                    logger.warning(f"  {name}: checkpoint was trained with {kwargs[name]!r}, network uses "
+                                   f"{getattr(bare, name, None)!r}")
+        else:
+            state_dict = torch_load(load_path, trust=trust)
+            if param_key is not None:
+                if isinstance(state_dict, dict) and param_key not in state_dict and "params" in state_dict:
+                    logger.info("Loading: params_ema does not exist, use params.")
+                    param_key = "params"
+                if not isinstance(state_dict, dict) or param_key not in state_dict:
+                    top = ", ".join(map(str, list(state_dict)[:6])) if isinstance(state_dict, dict) \
+                        else type(state_dict).__name__
+                    raise CheckpointError(f"{load_path}: no {param_key!r} entry (top level: {top})")
+                state_dict = state_dict[param_key]
+            if not isinstance(state_dict, dict):
+                raise CheckpointError(f"{load_path}: not a state dict ({type(state_dict).__name__})")
+            logger.info(f"Loading {type(bare).__name__} model from {load_path}, with param key: [{param_key}].")
+            state_dict = type(state_dict)((k[len("module."):] if k.startswith("module.") else k, v)
+                                          for k, v in state_dict.items())
         if strict:  # one line naming the file and the first differing keys
-            check_fit(bare, state_dict, path=load_path, what="network_g (GRL)")
+            check_fit(bare, state_dict, path=load_path, what=what)
         self._print_different_keys_loading(net, state_dict, strict)
         bare.load_state_dict(state_dict, strict=strict)
+
+    def save_network(self, net, net_label, current_iter, param_key="params"):
+        """BasicSR's ``models/<net_label>_<iter>.pth`` (the same keys, ``module.`` prefixes removed,
+        the state dicts' ``_metadata`` kept), written atomically by rank 0."""
+        if self._rank_world()[0] != 0:
+            return
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        assert len(nets) == len(keys), "The lengths of net and param_key should be the same."
+        save_dict = {}
+        for net_, key in zip(nets, keys):
+            state_dict = self.get_bare_model(net_).state_dict()
+            clean = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v.cpu())
+                                for k, v in state_dict.items())
+            if hasattr(state_dict, "_metadata"):
+                clean._metadata = state_dict._metadata
+            save_dict[key] = clean
+        label = "latest" if current_iter == -1 else current_iter
+        save_checkpoint_file(save_dict, osp.join(self.opt["path"]["models"], f"{net_label}_{label}.pth"), "model")
 
     # ---------------------------------------------------------------------------- training
     def init_training_settings(self):
@@ -275,7 +317,7 @@ class GRLModel(SRModel):
                  "schedulers": [s.state_dict() for s in self.schedulers]}
         if getattr(self, "scaler", None) is not None:
             state["grad_scaler"] = self.scaler.state_dict()
-        state["exact_resume"] = self._gather({"rng": compat.get_rng_state(), "progress": compat.training_progress()})
+        state["exact_resume"] = self._gather({"rng": get_rng_state(), "progress": training_progress()})
         return state
 
     def save_training_state(self, epoch, current_iter):
@@ -284,12 +326,12 @@ class GRLModel(SRModel):
             return
         state = self.training_state(epoch, current_iter)
         if self._rank_world()[0] == 0:
-            compat.save_checkpoint_file(state, osp.join(self.opt["path"]["training_states"], f"{current_iter}.state"),
-                                        "training state")
+            save_checkpoint_file(state, osp.join(self.opt["path"]["training_states"], f"{current_iter}.state"),
+                                 "training state")
 
     def resume_training(self, resume_state):
         """BasicSR's resume (optimizers, schedulers) plus the GradScaler, and the RNG states and
-        position in the epoch for the train prefetcher (:func:`grl_plugin.compat.resume_progress`)."""
+        position in the epoch for the train prefetcher (:func:`.exact_resume.resume_progress`)."""
         super().resume_training(resume_state)
         self.last_checkpoint_iter = resume_state.get("iter")
         if resume_state.get("grad_scaler") is not None and getattr(self, "scaler", None) is not None:
@@ -309,17 +351,17 @@ class GRLModel(SRModel):
         if entry.get("progress") is None:
             logger.info("The training state holds no position in the epoch: the epoch restarts from its first batch.")
             return
-        compat.resume_progress(entry["progress"], entry.get("rng"))
+        resume_progress(entry["progress"], entry.get("rng"))
 
     def validation(self, dataloader, current_iter, tb_logger, save_img=False):
         """BasicSR's validation, leaving the RNG states as it found them (creating the validation
         DataLoader iterator draws from torch's RNG): training randomness does not depend on when
         validation runs, and a resumed run draws what an uninterrupted one draws."""
-        rng = compat.get_rng_state()
+        rng = get_rng_state()
         try:
             super().validation(dataloader, current_iter, tb_logger, save_img)
         finally:
-            compat.set_rng_state(rng)
+            set_rng_state(rng)
 
     # ----------------------------------------------------------------------------- testing
     def _tile_options(self):
