@@ -62,6 +62,7 @@ setup(
             'grl-prepare=grl_plugin.cli.prepare:main',
             'grl-infer=grl_plugin.cli.infer:main',
             'grl-export=grl_plugin.cli.export:main',
+            'grl-zoo=grl_plugin.cli.zoo:main',
         ],
     },
 )

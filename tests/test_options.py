@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from grl_plugin.cli.zoo import RELEASES
 from helpers import REPO_ROOT, make_lmdb, official, read_logs, run_cli
 
 OPTIONS = REPO_ROOT / 'options'
@@ -34,12 +35,7 @@ SIZE_PRESET = {'T': 'GRL_T', 'S': 'GRL_S', 'B': 'GRL_B'}
 SIZE_LONG = {'T': 'tiny', 'S': 'small', 'B': 'base'}
 
 # Released checkpoints (SPEC §8, GitHub release v1.0.0).
-RELEASED = ({f'sr_grl_{s}_c3x{x}.ckpt' for s in ('tiny', 'small', 'base') for x in (2, 3, 4)}
-            | {f'dn_grl_{s}_c{c}s{n}.ckpt' for s in ('tiny', 'small', 'base') for c in (1, 3) for n in (15, 25, 50)}
-            | {f'jpeg_grl_small_c{c}q{q}.ckpt' for c in (1, 3) for q in (10, 20, 30, 40)}
-            | {f'db_motion_grl_base_{d}.ckpt' for d in ('gopro', 'realblur_j', 'realblur_r')}
-            | {'db_defocus_single_pixel_grl_base.ckpt', 'db_defocus_dual_pixel_grl_base.ckpt', 'dm_grl_small.ckpt',
-               'bsr_grl_base.ckpt'})
+RELEASED = {release.file for release in RELEASES.values()}  # the one table of names: grl_plugin.cli.zoo
 
 # Official recipes (SPEC §10): optimizer, lr, weight decay, milestones, total_iter, warmup,
 # batch per GPU (x 8 GPUs), patch (LR patch for SR), pixel loss.

@@ -4,6 +4,7 @@ Reads an official Lightning ``.ckpt`` (any engine), a BasicSR ``.pth`` (``params
 ``params_ema``), a bare state dict or a ``.safetensors`` file; checks that the weights load
 strictly into ``GRL(**kwargs)``; writes DST plus ``<DST stem>.yml`` (``network_g: {type: GRL, ...}``).
 Window/stripe settings that the file does not store must be given with ``--set key=value``.
+SRC may also be the name of a released model (:mod:`grl_plugin.cli.zoo`), downloaded once.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from typing import Optional, Sequence
 
 import yaml
 
-from grl_plugin.archs.checkpoint import (GRL_KWARGS, CheckpointError, _one_line, check_fit, load_checkpoint,
-                                         save_converted)
+from grl_plugin.archs.checkpoint import GRL_KWARGS, CheckpointError, _one_line, check_fit, save_converted
+from grl_plugin.cli.zoo import open_checkpoint
 
 
 def _parse_set(items: Sequence[str]) -> dict:
@@ -45,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         description='Convert GRL weights (official Lightning .ckpt, BasicSR .pth, state dict, .safetensors)\n'
         'to a BasicSR .pth or a .safetensors file, plus <DST stem>.yml with the network_g kwargs.',
         epilog='examples:\n  grl-convert sr_grl_tiny_c3x4.ckpt grl_tiny_x4.safetensors\n'
+        '  grl-convert sr_grl_tiny_c3x4 grl_tiny_x4.pth  (released model, by name: downloaded once)\n'
         '  grl-convert weights.pth out.pth --set window_size=32 --set "stripe_size=[64, 64]" \\\n'
         '      --set "stripe_groups=[null, null]" --set stripe_shift=true --set anchor_window_down_factor=4')
-    parser.add_argument('src', help='.ckpt / .pth / .safetensors with GRL weights')
+    parser.add_argument('src', help='.ckpt / .pth / .safetensors with GRL weights, or the name of a released model '
+                        '(e.g. sr_grl_tiny_c3x4; downloaded once into $GRL_HOME, default ~/.cache/grl_plugin; '
+                        'grl-zoo lists them)')
     parser.add_argument('dst', help='output: .pth (BasicSR {"params": ...}) or .safetensors')
     parser.add_argument('--trust', action='store_true',
                         help='allow a full (unsafe) unpickle if the restricted reader refuses the file')
@@ -62,7 +66,7 @@ def convert(args: argparse.Namespace) -> str:
     """Run the conversion; returns the summary text."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        sd, kwargs = load_checkpoint(args.src, trust=args.trust, key=args.key)
+        sd, kwargs, src = open_checkpoint(args.src, trust=args.trust, key=args.key, prog='grl-convert')
     for w in caught:  # missing geometry is checked below, after --set
         if 'not stored in the file' not in str(w.message):
             print(f'grl-convert: warning: {w.message}', file=sys.stderr)
@@ -70,7 +74,7 @@ def convert(args: argparse.Namespace) -> str:
         kwargs[key], kwargs.origin[key] = value, 'given'
     missing = [k for k in kwargs.missing if k not in kwargs]
     if missing:
-        raise CheckpointError(f'{args.src}: {", ".join(missing)} not stored in the file; pass them with --set '
+        raise CheckpointError(f'{src}: {", ".join(missing)} not stored in the file; pass them with --set '
                               'KEY=VALUE (e.g. --set window_size=32 --set "stripe_size=[64, 64]")')
     from grl_plugin.archs.grl_arch import GRL  # lazy: heavy import, only needed for the check
     try:
@@ -80,9 +84,9 @@ def convert(args: argparse.Namespace) -> str:
     try:
         _check_fit(model, sd)
     except CheckpointError as err:
-        raise CheckpointError(f'{args.src}: {err}') from None
+        raise CheckpointError(f'{src}: {err}') from None
     dst, yml = save_converted(sd, kwargs, args.dst)
-    lines = [f'{args.src} -> {dst} (+ {yml.name})', f'  format: {kwargs.format}',
+    lines = [f'{src} -> {dst} (+ {yml.name})', f'  format: {kwargs.format}',
              f'  params: {sum(v.numel() for v in sd.values()):,} in {len(sd)} tensors', '  kwargs:']
     lines += [f'    {k}: {v!r}  [{kwargs.origin.get(k, "?")}]' for k, v in kwargs.items()]
     return '\n'.join(lines)

@@ -1,13 +1,14 @@
 """grl-export: export a GRL checkpoint to ONNX for one fixed input tile size.
 
 The model is built as ``grl-infer`` builds it (checkpoint kwargs completed by ``--task`` or
-``--opt``) and traced with PyTorch's TorchScript-based exporter (``torch.onnx.export(...,
-dynamo=False)``). GRL's attention tables, indices and masks depend on the input size only: for a
-fixed ``--tile`` they are computed once and stored in the graph as constants, so the graph is
-static (input ``input`` of shape (1, C, tile, tile), output ``output`` of shape
-(1, C_out, tile * scale, tile * scale)). ``--tile`` must be a multiple of the model's padding
-multiple (the network pads other sizes inside; an exported graph does not). Larger images are
-restored tile by tile around the exported graph (as ``grl-infer`` does).
+``--opt``; ``--checkpoint`` may name a released model, :mod:`grl_plugin.cli.zoo`) and traced
+with PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``). GRL's
+attention tables, indices and masks depend on the input size only: for a fixed ``--tile`` they
+are computed once and stored in the graph as constants, so the graph is static (input ``input``
+of shape (1, C, tile, tile), output ``output`` of shape (1, C_out, tile * scale, tile * scale)).
+``--tile`` must be a multiple of the model's padding multiple (the network pads other sizes
+inside; an exported graph does not). Larger images are restored tile by tile around the exported
+graph (as ``grl-infer`` does).
 
 ``--check`` validates the file with ``onnx.checker`` and runs it with onnxruntime on CPU on a
 random input, printing the largest absolute difference to PyTorch (exit status 1 above 1e-3).
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog='grl-export', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Export a GRL checkpoint to ONNX for a fixed input tile size.',
         epilog='examples:\n'
-        '  grl-export --checkpoint sr_grl_tiny_c3x4.ckpt --tile 64 --output grl_tiny_x4_64.onnx --check\n'
+        '  grl-export --checkpoint sr_grl_tiny_c3x4 --tile 64 --output grl_tiny_x4_64.onnx --check\n'
         '  grl-export --checkpoint net_g.pth --task dn --size T --tile 128 --output dn.onnx')
     add_model_arguments(p)
     g = p.add_argument_group('export')

@@ -1,6 +1,7 @@
 """grl-infer: restore images (one file or a folder) with a GRL checkpoint.
 
-The network is built from what the checkpoint stores (:func:`grl_plugin.load_checkpoint`),
+The network is built from what the checkpoint stores (:func:`grl_plugin.load_checkpoint`; a
+released model can be given by name, :mod:`grl_plugin.cli.zoo`, and is downloaded once),
 completed or overridden by ``--task``/``--size``/``--scale``/``--gray`` (the official task table,
 :func:`grl_plugin.archs.tasks.task_kwargs`) or by the ``network_g`` of a BasicSR option file
 (``--opt``; ``type: GRL`` or a preset such as ``GRL_T``). Shape-determined kwargs (channels,
@@ -48,10 +49,14 @@ def _one_line(err: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------ model
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint``, ``--task``/``--size``/``--scale``/``--gray``, ``--opt``, ``--trust``."""
+    """``--checkpoint``, ``--list-models``, ``--task``/``--size``/``--scale``/``--gray``, ``--opt``, ``--trust``."""
+    from grl_plugin.cli.zoo import ListModelsAction
     g = parser.add_argument_group('model (the geometry the checkpoint does not store comes from --task or --opt)')
     g.add_argument('--checkpoint', required=True, metavar='CKPT',
-                   help='GRL weights: official Lightning .ckpt, BasicSR .pth, state dict or .safetensors')
+                   help='GRL weights: official Lightning .ckpt, BasicSR .pth, state dict or .safetensors; or '
+                        'the name of a released model (e.g. sr_grl_base_c3x4), downloaded once into $GRL_HOME '
+                        '(default ~/.cache/grl_plugin)')
+    g.add_argument('--list-models', action=ListModelsAction)
     src = g.add_mutually_exclusive_group()
     src.add_argument('--task', metavar='TASK',
                      help='official task settings: sr, dn, jpeg, dm, db_motion, db_defocus, bsr')
@@ -138,10 +143,11 @@ def resolve_kwargs(ckpt_kwargs: Any, given: Optional[dict], source: str, explici
 def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
     """Build GRL from ``args`` and load the weights (CPU, eval). Returns (model, kwargs, option dict)."""
     import grl_plugin  # noqa: F401
-    from grl_plugin.archs.checkpoint import CheckpointError, CheckpointWarning, load_checkpoint
+    from grl_plugin.archs.checkpoint import CheckpointError, CheckpointWarning
     from grl_plugin.archs.grl_arch import GRL
     from grl_plugin.archs.tasks import task_kwargs
     from grl_plugin.cli.convert import _check_fit
+    from grl_plugin.cli.zoo import open_checkpoint
 
     if args.task is None and (args.size or args.scale or args.gray):
         raise InferError('--size, --scale and --gray go with --task')
@@ -149,7 +155,8 @@ def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
-            sd, ckpt_kwargs = load_checkpoint(args.checkpoint, trust=args.trust)
+            sd, ckpt_kwargs, ckpt = open_checkpoint(args.checkpoint, trust=args.trust,
+                                                    quiet=getattr(args, 'quiet', False), prog=prog)
     except CheckpointError as err:
         raise InferError(_one_line(err)) from None
     for w in caught:
@@ -169,7 +176,7 @@ def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
         source = f'--task {args.task}'
         explicit = (_SIZE_KEYS if args.size else ()) + (('upscale', ) if args.scale else ()) + \
             (('in_channels', ) if args.gray else ())
-    kwargs, notes = resolve_kwargs(ckpt_kwargs, given, source, explicit, ckpt=args.checkpoint)
+    kwargs, notes = resolve_kwargs(ckpt_kwargs, given, source, explicit, ckpt=ckpt)
     for note in notes:
         print(f'{prog}: note: {note}', file=sys.stderr)
     try:
@@ -179,7 +186,7 @@ def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
     try:
         _check_fit(model, sd)
     except CheckpointError as err:
-        raise InferError(f'{args.checkpoint}: {_one_line(err)}') from None
+        raise InferError(f'{ckpt}: {_one_line(err)}') from None
     return model.eval(), kwargs, opt
 
 
@@ -443,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog='grl-infer', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Restore an image or a folder of images with a GRL checkpoint (tiled, any size).',
         epilog='examples:\n'
-        '  grl-infer --checkpoint sr_grl_tiny_c3x4.ckpt --input photos/ --output out/\n'
+        '  grl-infer --checkpoint sr_grl_tiny_c3x4 --input photos/ --output out/  (released model, by name)\n'
+        '  grl-infer --list-models\n'
         '  grl-infer --checkpoint net_g.pth --task dn --size T --input noisy.png --output out/ --tile 256\n'
         '  grl-infer --checkpoint net_g.pth --opt options/test/sr/test_GRL_T_SRx2.yml --input lr/ \\\n'
         '      --output out/ --compare --gt hr/')
