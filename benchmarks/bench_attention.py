@@ -41,11 +41,11 @@ from _common import maxrss_mib, reexec_for_timing, reset_peak_rss, run_memory_ch
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("official", "reference", "fast")
 # Variants of the fast path for the training columns (same weights, same outputs):
-# fast_keepP -- CPU backward always keeps the attention probabilities (layers.set_lean_backward(False));
-# fast_lean  -- least-memory backward: P always recomputed, MLP hidden layers too (set_lean_backward(True));
+# fast_keepP -- CPU backward always keeps the attention probabilities (layers.configure(net, lean_backward=False));
+# fast_lean  -- least-memory backward: P always recomputed, MLP hidden layers too (lean_backward=True);
 # fast_ckpt  -- activation checkpointing of every block (GRLStage.use_checkpoint).
 VARIANTS = ("fast_keepP", "fast_lean", "fast_ckpt")
-# set_lean_backward() argument per implementation (None: the automatic default)
+# lean_backward option per implementation (None: the automatic default)
 LEAN = {"fast_keepP": False, "fast_lean": True}
 
 _COMMON = dict(in_channels=3, img_range=1.0, mlp_ratio=2, stripe_shift=True, qkv_proj_type="linear",
@@ -110,8 +110,8 @@ def _fwd(torch, model, x):
 
 
 def _train_step(torch, model, x, target, seed=0, lean=None):
-    from grl_plugin.layers import set_lean_backward
-    set_lean_backward(lean)  # None: the default (automatic)
+    from grl_plugin.layers import configure
+    configure(model, lean_backward=lean)  # None: the default (automatic)
     model.train()
     torch.manual_seed(seed)  # same DropPath draws for every implementation
     out = model(x)
@@ -196,8 +196,7 @@ def breakdown(config: str, size: int, repeats: int, warmup: int) -> dict:
     """Eval-forward time spent inside the window and stripe attention modules vs the whole
     forward, reference and fast, interleaved in one process; medians over ``repeats`` rounds.
     The rest (projections, MLPs, norms, convs, head) is the same layers in both paths; the
-    fast path runs the large products through oneDNN and keeps the maps channels-last
-    (see ``grl_plugin.layers.linear``)."""
+    fast path keeps the maps channels-last."""
     torch, *_ = _imports()
     from grl_plugin.layers import AnchorStripeAttention, WindowAttention
     models = build(config, size, impls=("reference", "fast"))

@@ -180,9 +180,7 @@ def _count_flops(torch, model, x) -> int:
     """FLOPs of one eval forward (after the one in ``measure``: GRL's position biases are cached,
     as in the timed forwards). torch's counter has no formula for the fused CPU attention kernel
     that ``F.scaled_dot_product_attention`` runs on CPU (it would count GRL's attention as 0), so
-    it is given the one torch uses for the other SDPA kernels (q @ k^T and p @ v); likewise the
-    oneDNN linear + GELU of the fast path's eval MLPs (``grl_plugin.layers.linear``), counted
-    as its product (torch counts no element-wise ops).
+    it is given the one torch uses for the other SDPA kernels (q @ k^T and p @ v).
 
     GRL is counted on its reference path (every ``attn_impl`` set to ``"reference"``, the
     official steps: q @ k^T and p @ v of the true head dim), so that the count is the
@@ -194,17 +192,10 @@ def _count_flops(torch, model, x) -> int:
     def cpu_flash(query, key, value, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(query, key, value)
 
-    def onednn_linear(x_shape, w_shape, *args, out_shape=None, **kwargs):  # the fused fc1 + GELU
-        return 2 * math.prod(x_shape) * w_shape[0]
-
     mapping = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         mapping[op] = cpu_flash
-    try:
-        mapping[torch.ops.mkldnn._linear_pointwise] = onednn_linear
-    except (AttributeError, RuntimeError):
-        pass
     model.eval()
     impls = [(m, m.attn_impl) for m in model.modules() if hasattr(m, "attn_impl")]
     for m, _ in impls:
@@ -226,20 +217,13 @@ def _time_mm(torch, a, b) -> float:
 
 
 def _time_onednn(torch, a, b) -> float:
-    """The same n x n product through oneDNN as the fast path can run its products on CPU
-    (``grl_plugin.layers.linear.linear`` with the oneDNN route forced: a 1x1 convolution of a
-    channels-last view; on AMD CPUs with AVX-512 MKL's sgemm behind ``torch.mm`` reaches half
-    of oneDNN's rate)."""
-    from grl_plugin.layers import linear as linear_mod
-    before = linear_mod._ENABLED[0]
-    linear_mod.set_onednn_linear(True)
-    try:
-        t = time.perf_counter()
-        linear_mod.linear(a, b)
-        return time.perf_counter() - t
-    finally:
-        linear_mod.set_onednn_linear(before)
-
+    """The same n x n product through oneDNN: a 1x1 convolution of ``a`` seen as a channels-last
+    (1, n, 1, n) map (on some CPUs oneDNN's rate is above that of the BLAS behind ``torch.mm``)."""
+    x = a.t().reshape(1, a.shape[1], 1, a.shape[0]).contiguous(memory_format=torch.channels_last)
+    w = b.t().reshape(b.shape[1], b.shape[0], 1, 1)
+    t = time.perf_counter()
+    torch.nn.functional.conv2d(x, w)
+    return time.perf_counter() - t
 
 
 def memory_child(job: dict) -> dict:

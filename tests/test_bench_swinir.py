@@ -101,7 +101,6 @@ def test_flop_count_includes_fused_attention():
     import torch
 
     import grl_plugin
-    from grl_plugin.layers import set_bias_cache
 
     spec = importlib.util.spec_from_file_location("bench_vs_swinir_under_test", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
@@ -110,11 +109,8 @@ def test_flop_count_includes_fused_attention():
                            window_size=8, stripe_size=[16, 16], anchor_window_down_factor=2,
                            upsampler="pixelshuffledirect").eval()
     x = torch.rand(1, 3, 20, 24)
-    set_bias_cache(False)
-    try:
-        fast = bench._count_flops(torch, model, x)
-        model.set_attn_impl("reference")
-        reference = bench._count_flops(torch, model, x)
-    finally:
-        set_bias_cache(True)
+    model.configure(bias_cache_mib=0)
+    fast = bench._count_flops(torch, model, x)
+    model.set_attn_impl("reference")
+    reference = bench._count_flops(torch, model, x)
     assert fast == reference > 0

@@ -3,6 +3,7 @@
 Timings are never asserted (shared, noisy CPU); only that the benchmark runs and that its
 fast-vs-reference/official max |diff| column stays within the 1e-4 tolerance.
 """
+import functools
 import gc
 import re
 import subprocess
@@ -17,6 +18,7 @@ from grl_plugin.archs.grl_arch import GRL
 from helpers import assert_same_training_step
 from grl_plugin.layers import attention as attention_mod
 from grl_plugin.layers import cpb as cpb_mod
+from grl_plugin.layers import configure
 from grl_plugin.layers.attention import AffineTransform, cosine_attention
 from grl_plugin.layers import geometry as geometry_mod
 from grl_plugin.layers.geometry import coords_table
@@ -24,6 +26,14 @@ from grl_plugin.layers.geometry import coords_table
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 
+
+
+def use_lean_backward(monkeypatch, save_probs):
+    """This module's ``cosine_attention`` calls with the ``lean_backward`` that keeps the
+    probabilities (``save_probs`` True), recomputes them (False) or decides (None)."""
+    lean = None if save_probs is None else not save_probs
+    monkeypatch.setitem(globals(), "cosine_attention",
+                        functools.partial(attention_mod.cosine_attention, lean_backward=lean))
 
 def test_position_bias_gather_matches_advanced_indexing_with_grads():
     torch.manual_seed(0)
@@ -313,7 +323,7 @@ def _attention_inputs(masked, requires_grad=True, seed=1, n2=8, batch=2, n1=16):
 @pytest.mark.parametrize("save_probs", [False, True, None])
 def test_lean_attention_backward_both_modes_match_autograd(save_probs, monkeypatch):
     """The hand-written backward (recomputing P, keeping it, automatic) equals autograd's reference."""
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    use_lean_backward(monkeypatch, save_probs)
     t, table, index, mask, (q, k, v) = _attention_inputs(True)
     leaves = [q, k, v] + list(t.parameters())
     grads = []
@@ -345,12 +355,9 @@ def test_eval_bias_cache_reused_and_invalidated_by_weight_changes():
         assert not torch.allclose(after_load, after_step)
         other_index = torch.randint(0, 25, (16, 8))
         assert torch.allclose(t.position_bias(table, other_index), t.position_bias_reference(table, other_index))
-    attention_mod.set_bias_cache(False)
-    try:
-        with torch.no_grad():
-            assert t.position_bias(table, index) is not t.position_bias(table, index)
-    finally:
-        attention_mod.set_bias_cache(True)
+    configure(t, bias_cache_mib=0)
+    with torch.no_grad():
+        assert t.position_bias(table, index) is not t.position_bias(table, index)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -515,16 +522,12 @@ def test_qkv_halves_equal_the_projection_split():
 def test_automatic_backward_keeps_probabilities_only_when_small(monkeypatch):
     """Automatic mode: P kept for 8x8 windows (64 x 64 per head, d 32), recomputed for 32x32
     windows (1024 x 1024, d 16) and 64x64 stripes against 16x16 anchors (4096 x 256, d 16)."""
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None])
     e = torch.empty
-    assert attention_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32))
-    assert not attention_mod._keep_probs(e(1, 2, 1024, 16), e(1, 2, 1024, 16), e(1, 2, 1024, 16))
-    assert not attention_mod._keep_probs(e(1, 2, 4096, 16), e(1, 2, 256, 16), e(1, 2, 256, 16))
+    assert attention_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32), None)
+    assert not attention_mod._keep_probs(e(1, 2, 1024, 16), e(1, 2, 1024, 16), e(1, 2, 1024, 16), None)
+    assert not attention_mod._keep_probs(e(1, 2, 4096, 16), e(1, 2, 256, 16), e(1, 2, 256, 16), None)
     for forced in (True, False):
-        attention_mod.set_lean_backward(not forced)
-        assert attention_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32)) is forced
-    attention_mod.set_lean_backward(None)
-    assert attention_mod._SAVE_PROBS == [None]
+        assert attention_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32), not forced) is forced
 
 
 def test_cpu_softmax_floor_matches_softmax_and_leaves_no_subnormals():
@@ -572,7 +575,7 @@ def test_region_mask_as_extra_columns_matches_reference_eval_and_training(save_p
     Below ``_MASK_COLUMNS_MIN_PAIRS`` (as for these 64-token windows by default) it forms
     bias + mask for all windows, also in one call."""
     from grl_plugin.layers.geometry import coords_table, mask_factors, mask_split, relative_index, window_mask
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    use_lean_backward(monkeypatch, save_probs)
     monkeypatch.setattr(attention_mod, "_CPU_FUSED_MIN_KEYS", 64)  # eval: the fused kernel at 64 keys
     if columns:
         monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 64 * 64)
@@ -651,55 +654,49 @@ def test_eval_bias_cache_keeps_autocast_biases_apart(budget_mib, monkeypatch):
     from grl_plugin.layers.geometry import relative_index
     cpu = torch.device("cpu")
     monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", 1)
-    budget = attention_mod._BIAS_CACHE["max_bytes"]
     torch.manual_seed(6)
     index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
     q, k, v = (torch.randn(4, 2, 64, 16) for _ in range(3))
     t = AffineTransform(2).eval()
-    try:
-        if budget_mib is not None:
-            attention_mod.set_bias_cache(True, attention_mod.bias_cache_bytes() / 2 ** 20 + budget_mib)
-        with torch.no_grad():
-            want = cosine_attention(q, k, v, t, table, index, impl="reference")
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                low = cosine_attention(q, k, v, t, table, index)
-            got = cosine_attention(q, k, v, t, table, index)
-        assert (low.float() - want).abs().max() > 10 * TOL  # bf16 is visibly coarser...
-        assert (got - want).abs().max() <= TOL  # ...and did not leak into float32
-        assert len(t._bias_cache) == 2
-    finally:
-        attention_mod.set_bias_cache(True, budget / 2 ** 20)
+    if budget_mib is not None:  # room for no bias (one byte): the grouped runs only
+        configure(t, bias_cache_mib=budget_mib + 2 ** -20)
+    with torch.no_grad():
+        want = cosine_attention(q, k, v, t, table, index, impl="reference")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = cosine_attention(q, k, v, t, table, index)
+        got = cosine_attention(q, k, v, t, table, index)
+    assert (low.float() - want).abs().max() > 10 * TOL  # bf16 is visibly coarser...
+    assert (got - want).abs().max() <= TOL  # ...and did not leak into float32
+    assert len(t._bias_cache) == 2
 
 
 def test_eval_bias_cache_budget_and_release():
-    """The eval bias caches of all modules stay within the budget (modules beyond it recompute,
-    with the same values), and switching a module to training frees its entries."""
+    """The eval bias caches of the modules sharing a budget stay within it (modules beyond it
+    recompute, with the same values), switching a module to training frees its entries, and a
+    module with another budget (another network) is not affected."""
     t1, table, index, _, _ = _attention_inputs(False, requires_grad=False)
-    t2 = AffineTransform(2)
+    t2, other = AffineTransform(2), AffineTransform(2)
     one = 2 * index.numel() * 4  # (heads, N1, N2) float32
-    gc.collect()
-    held = attention_mod.bias_cache_bytes()  # by modules other tests keep alive (module fixtures)
-    budget = attention_mod._BIAS_CACHE["max_bytes"]
-    attention_mod.set_bias_cache(True, max_mib=(held + 1.5 * one) / 2 ** 20)  # room for one entry
-    try:
-        with torch.no_grad():
-            b1, b2 = t1.position_bias(table, index), t2.position_bias(table, index)
-            assert t1.position_bias(table, index) is b1  # cached
-            assert t2.position_bias(table, index) is not b2  # over budget: recomputed...
-            assert torch.allclose(t2.position_bias(table, index), t2.position_bias_reference(table, index))
-            assert attention_mod.bias_cache_bytes() == held + one
-            t1.train()
-            assert attention_mod.bias_cache_bytes() == held
-            t1.eval()
-            assert t2.position_bias(table, index) is t2.position_bias(table, index)  # ...until room
-    finally:
-        attention_mod.set_bias_cache(True, max_mib=budget / 2 ** 20)
+    pair = configure(torch.nn.ModuleList([t1, t2]), bias_cache_mib=1.5 * one / 2 ** 20)  # room for one entry
+    configure(other, bias_cache_mib=1.5 * one / 2 ** 20)
+    assert t1.bias_budget is t2.bias_budget is not other.bias_budget
+    with torch.no_grad():
+        b1, b2 = t1.position_bias(table, index), t2.position_bias(table, index)
+        assert t1.position_bias(table, index) is b1  # cached
+        assert t2.position_bias(table, index) is not b2  # over budget: recomputed...
+        assert torch.allclose(t2.position_bias(table, index), t2.position_bias_reference(table, index))
+        assert other.position_bias(table, index) is other.position_bias(table, index)  # its own budget
+        assert attention_mod.bias_cache_bytes(pair) == one == t1.bias_budget.used()
+        t1.train()
+        assert attention_mod.bias_cache_bytes(pair) == 0
+        t1.eval()
+        assert t2.position_bias(table, index) is t2.position_bias(table, index)  # ...until room
 
 
 def test_lean_attention_value_head_dim_differs(monkeypatch):
     """v with another head dim than q and k (the fused kernel needs them equal): the lean path
     forced to recompute P keeps P instead, with the reference's results and gradients."""
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [False])
+    use_lean_backward(monkeypatch, False)
     t, table, index, mask, (q, k, v) = _attention_inputs(True)
     v = v[..., :-1].detach().requires_grad_()
     leaves = [q, k, v] + list(t.parameters())
@@ -858,27 +855,21 @@ def test_eval_beyond_the_bias_budget_takes_the_grouped_kernel(masked, monkeypatc
     index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
     mask = window_mask((16, 16), 8, 4, cpu) if masked else None
     q, k, v = (torch.randn(8, 2, 64, 6) for _ in range(3))
-    budget = attention_mod._BIAS_CACHE["max_bytes"]
-    held = attention_mod.bias_cache_bytes()  # by modules other tests keep alive
-    try:
-        for mib, form in ((held / 2 ** 20, 4), (held / 2 ** 20 + 1, 3), (None, None)):
-            attention_mod.set_bias_cache(mib is not None, mib)
-            t = AffineTransform(2).eval()
-            with torch.no_grad():
-                want = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
-                for _ in range(2):
-                    got = cosine_attention(q, k, v, t, table, index, mask)
-                    assert (got - want).abs().max() <= TOL
-            entries = [e[2] for e in t._bias_cache.values()]
-            assert [e.dim() for e in entries] == ([] if form is None else [form])
-            assert len(calls) == (0 if form == 3 else 2)
-            if form == 4:
-                assert entries[0].numel() == 2 * 8 * 15 * 8  # (heads, Qx, Qy + Ky - 1, Kx)
-                with torch.no_grad():  # asked without a plan: the plain bias, not the cached runs
-                    assert t.position_bias(table, index).shape == (2, 64, 64)
-            calls.clear()
-    finally:
-        attention_mod.set_bias_cache(True, budget / 2 ** 20)
+    for mib, form in ((2 ** -20, 4), (1, 3), (0, None)):  # one byte: no room; 1 MiB; no caching
+        t = configure(AffineTransform(2).eval(), bias_cache_mib=mib)
+        with torch.no_grad():
+            want = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
+            for _ in range(2):
+                got = cosine_attention(q, k, v, t, table, index, mask)
+                assert (got - want).abs().max() <= TOL
+        entries = [e[2] for e in t._bias_cache.values()]
+        assert [e.dim() for e in entries] == ([] if form is None else [form])
+        assert len(calls) == (0 if form == 3 else 2)
+        if form == 4:
+            assert entries[0].numel() == 2 * 8 * 15 * 8  # (heads, Qx, Qy + Ky - 1, Kx)
+            with torch.no_grad():  # asked without a plan: the plain bias, not the cached runs
+                assert t.position_bias(table, index).shape == (2, 64, 64)
+        calls.clear()
 
 
 @pytest.mark.skipif(attention_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
@@ -894,18 +885,13 @@ def test_eval_beyond_the_budget_with_a_mask_that_does_not_factor(monkeypatch):
     index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
     mask = torch.where(torch.rand(4, 64, 64) < 0.5, 0.0, -100.0)  # random: no region structure
     q, k, v = (torch.randn(8, 2, 64, 6) for _ in range(3))
-    budget = attention_mod._BIAS_CACHE["max_bytes"]
-    try:
-        attention_mod.set_bias_cache(True, attention_mod.bias_cache_bytes() / 2 ** 20)
-        t = AffineTransform(2).eval()
-        with torch.no_grad():
-            want = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
-            for _ in range(2):
-                assert (cosine_attention(q, k, v, t, table, index, mask) - want).abs().max() <= TOL
-        shapes = sorted(tuple(e[2].shape) for e in t._bias_cache.values())
-        assert shapes == [(2, 8, 15, 8)]
-    finally:
-        attention_mod.set_bias_cache(True, budget / 2 ** 20)
+    t = configure(AffineTransform(2).eval(), bias_cache_mib=2 ** -20)  # no room for a bias
+    with torch.no_grad():
+        want = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
+        for _ in range(2):
+            assert (cosine_attention(q, k, v, t, table, index, mask) - want).abs().max() <= TOL
+    shapes = sorted(tuple(e[2].shape) for e in t._bias_cache.values())
+    assert shapes == [(2, 8, 15, 8)]
 
 
 @pytest.mark.parametrize("save_probs", [False, True, None])
@@ -918,7 +904,7 @@ def test_lean_attention_with_reversed_keys_matches_reference(save_probs, masked,
     (heads, N1, N2) bias is not kept for the backward (without the plan it is)."""
     from grl_plugin.layers.geometry import coords_table, relative_index, window_mask
     cpu = torch.device("cpu")
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    use_lean_backward(monkeypatch, save_probs)
     monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", 1)
     torch.manual_seed(3)
     for window, df, w2a in [((8, 8), 1, True), ((16, 8), 4, True)]:
@@ -951,13 +937,11 @@ def test_blocks_with_large_windows_keep_mlp_hidden_and_norm_inputs(mode, monkeyp
     """Automatic backward: a block whose window attention recomputes its probabilities (16x16
     windows, head dim 4: P larger than q, k, v, out) keeps its MLP hidden layer and its two
     post-norm inputs for the backward, a block whose window attention keeps P (4x4 windows)
-    recomputes them; set_lean_backward(True) recomputes and (False) keeps them in both. The
+    recomputes them; lean_backward True recomputes and False keeps them in both. The
     gradients are the reference block's either way."""
-    from grl_plugin.layers import GRLBlock, set_lean_backward
+    from grl_plugin.layers import GRLBlock, configure
     from grl_plugin.layers import block as block_mod
     from grl_plugin.layers.attention import probs_recomputed
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None])
-    set_lean_backward(mode)
     assert probs_recomputed(256, 256, 4, 4) and not probs_recomputed(16, 16, 4, 4)
     calls = []
     real_norm, real_mlp = block_mod._LinearNorm.apply, block_mod._LeanMlp.apply
@@ -969,7 +953,8 @@ def test_blocks_with_large_windows_keep_mlp_hidden_and_norm_inputs(mode, monkeyp
     for window in (16, 4):
         large = window == 16
         torch.manual_seed(0)
-        fast = GRLBlock(dim, 2, 2, window_size=window, stripe_size=(16, 16), anchor_window_down_factor=4)
+        fast = configure(GRLBlock(dim, 2, 2, window_size=window, stripe_size=(16, 16), anchor_window_down_factor=4),
+                         lean_backward=mode)
         ref = GRLBlock(dim, 2, 2, window_size=window, stripe_size=(16, 16), anchor_window_down_factor=4,
                        attn_impl="reference")
         ref.load_state_dict(fast.state_dict())
@@ -990,15 +975,13 @@ def test_blocks_with_large_windows_keep_mlp_hidden_and_norm_inputs(mode, monkeyp
 def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
     """The lean MLP (training path) gives the plain MLP's output and gradients (input, both
     weights and biases) and keeps only its input for the backward, or under
-    set_lean_backward(False) its input and fc1's output (no GELU output); the reference path
+    lean_backward=False its input and fc1's output (no GELU output); the reference path
     of GRLBlock uses the plain one, and GRL.set_attn_impl switches it."""
-    from grl_plugin.layers import GRLBlock, Mlp, set_lean_backward
+    from grl_plugin.layers import GRLBlock, Mlp, configure
     from grl_plugin.layers.block import _LeanMlp
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None])
-    set_lean_backward(mode)
     keep_hidden = mode is False
     torch.manual_seed(0)
-    lean, plain = Mlp(6, 10).double(), Mlp(6, 10, lean=False).double()
+    lean, plain = configure(Mlp(6, 10).double(), lean_backward=mode), Mlp(6, 10, lean=False).double()
     plain.load_state_dict(lean.state_dict())
     x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 7, 6, dtype=torch.float64)
@@ -1036,15 +1019,13 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
 def test_post_norms_recompute_their_input(mode, monkeypatch):
     """In training on the fast path the block's two post-norms keep only their row statistics,
     not their inputs (the attention's output projection and fc2's output, recomputed in the
-    backward) -- 2 x B x L x C values fewer per block -- except under set_lean_backward(False);
+    backward) -- 2 x B x L x C values fewer per block -- except with lean_backward=False;
     output and every gradient equal those of the norms applied as modules."""
-    from grl_plugin.layers import GRLBlock, set_lean_backward
+    from grl_plugin.layers import GRLBlock, configure
     from grl_plugin.layers import block as block_mod
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None])
-    set_lean_backward(mode)
     torch.manual_seed(0)
-    blk = GRLBlock(16, 2, 2, window_size=4, stripe_size=(8, 8), anchor_window_down_factor=2,
-                   local_connection=True).double().train()
+    blk = configure(GRLBlock(16, 2, 2, window_size=4, stripe_size=(8, 8), anchor_window_down_factor=2,
+                             local_connection=True).double().train(), lean_backward=mode)
     for norm in (blk.norm1, blk.norm2):  # not the initial 1 / 0
         torch.nn.init.normal_(norm.weight)
         torch.nn.init.normal_(norm.bias)
@@ -1093,108 +1074,14 @@ def test_linear_norm_and_mlp_norm_gradcheck(bias):
                                     (leaf(2, 5, 6), w2))
 
 
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
-
-
-@pytest.fixture
-def onednn_on(monkeypatch):
-    """layers.linear's oneDNN route forced on (by default it is taken on some CPUs only)."""
-    import grl_plugin.layers.linear as linear_mod
-    monkeypatch.setattr(linear_mod, "_ENABLED", [True])
-    return linear_mod
-
-
-@pytest.mark.parametrize("rows,bias,contiguous", [(1100, True, True), (1100, False, False), (30, True, True)])
-def test_linear_equals_f_linear_values_and_gradients(rows, bias, contiguous, onednn_on):
-    """layers.linear: F.linear's values and gradients (via autograd and via linear_backward,
-    each gradient only when asked for); oneDNN takes the product from _MIN_ROWS rows on."""
-    linear_mod = onednn_on
-    torch.manual_seed(0)
-    x = torch.randn(2, rows // 2, 40 if contiguous else 24)
-    if not contiguous:
-        x = x.transpose(1, 2)[:, :, :rows // 2].transpose(1, 2)  # (2, rows/2, 24), strided
-    x.requires_grad_()
-    w = torch.randn(36, x.shape[-1], requires_grad=True)
-    b = torch.randn(36, requires_grad=True) if bias else None
-    if torch.backends.mkldnn.is_available():
-        assert linear_mod._use_onednn(x, w) == (rows >= linear_mod._MIN_ROWS)
-    leaves = [t for t in (x, w, b) if t is not None]
-    g = torch.randn(2, rows // 2, 36)
-    got = linear_mod.linear(x, w, b)
-    ref = F.linear(x, w, b)
-    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
-    ga = torch.autograd.grad((got * g).sum(), leaves)
-    gr = torch.autograd.grad((ref * g).sum(), leaves)
-    gb = [t for t in linear_mod.linear_backward(g, x.detach(), w.detach(), True, True, bias) if t is not None]
-    for a, h, r in zip(ga, gb, gr):
-        assert a.shape == h.shape == r.shape
-        assert (a - r).abs().max() <= 1e-5 * r.abs().max() and (h - r).abs().max() <= 1e-5 * r.abs().max()
-    assert linear_mod.linear_backward(g, x.detach(), w.detach(), False, True, False)[::2] == (None, None)
-
-
-def test_linear_gelu_equals_gelu_of_linear_with_and_without_autograd(monkeypatch, onednn_on):
-    """layers.linear.linear_gelu: F.gelu(F.linear(...)) in eval (one fused oneDNN call where
-    available) and in training (not fused: with autograd, the same gradients)."""
-    linear_mod = onednn_on
-    fused_calls = []
-    if linear_mod._LINEAR_POINTWISE is not None:
-        real = linear_mod._LINEAR_POINTWISE
-        monkeypatch.setattr(linear_mod, "_LINEAR_POINTWISE", lambda *a: fused_calls.append(a[3]) or real(*a))
-    torch.manual_seed(0)
-    x, w, b = torch.randn(2, 1024, 24), torch.randn(48, 24), torch.randn(48)
-    ref = F.gelu(F.linear(x, w, b))
-    with torch.no_grad():
-        got = linear_mod.linear_gelu(x, w, b)
-    assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
-    expect_fused = linear_mod._LINEAR_POINTWISE is not None and torch.backends.mkldnn.is_available()
-    assert fused_calls == (["gelu"] if expect_fused else [])
-    x.requires_grad_()
-    got = linear_mod.linear_gelu(x, w, b)
-    assert len(fused_calls) == int(expect_fused)  # no fused call with autograd
-    assert got.grad_fn is not None and (got - ref).abs().max() <= 1e-5 * ref.abs().max()
-    g = torch.randn_like(ref)
-    (ga,) = torch.autograd.grad((got * g).sum(), [x])
-    (gr,) = torch.autograd.grad((F.gelu(F.linear(x, w, b)) * g).sum(), [x])
-    assert (ga - gr).abs().max() <= 1e-5 * gr.abs().max()
-
-
-@needs_onednn
-def test_linear_switch_and_fallbacks(monkeypatch):
-    """set_onednn_linear(True / False / None = by the CPU), float64, autocast: plain F.linear."""
-    import grl_plugin.layers.linear as linear_mod
-    monkeypatch.setattr(linear_mod, "_ENABLED", [None])
-    x, w = torch.randn(2048, 8), torch.randn(4, 8)
-    assert linear_mod._use_onednn(x, w) == linear_mod.onednn_linear_faster()
-    for faster in (True, False):
-        monkeypatch.setattr(linear_mod, "onednn_linear_faster", lambda: faster)
-        assert linear_mod._use_onednn(x, w) == faster
-    linear_mod.set_onednn_linear(False)
-    assert not linear_mod._use_onednn(x, w)
-    linear_mod.set_onednn_linear(True)
-    assert linear_mod._use_onednn(x, w)
-    assert not linear_mod._use_onednn(x.double(), w.double())
-    # the automatic choice: AMD with AVX-512 kernels only
-    amd, intel = "processor\t: 0\nvendor_id\t: AuthenticAMD\n", "processor\t: 0\nvendor_id\t: GenuineIntel\n"
-    assert linear_mod._onednn_faster_on("AVX512", amd)
-    assert not any(linear_mod._onednn_faster_on(*c) for c in (("AVX2", amd), ("AVX512", intel), ("DEFAULT", "")))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not linear_mod._use_onednn(x, w)
-
-
-@needs_onednn
 @pytest.mark.parametrize("mode", [None, False])
-def test_lean_mlp_float32_through_onednn_matches_plain(mode, monkeypatch, onednn_on):
-    """The lean MLP's hand-written backward on the oneDNN products (float32, 2048 rows), fc1
-    recomputed (default) or kept."""
-    linear_mod = onednn_on
-    from grl_plugin.layers import Mlp
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [None if mode is None else not mode])
+def test_lean_mlp_float32_matches_plain(mode, monkeypatch):
+    """The lean MLP's hand-written backward (float32, 2048 rows), fc1 recomputed (default) or kept."""
+    from grl_plugin.layers import Mlp, configure
     torch.manual_seed(0)
-    lean, plain = Mlp(24, 48), Mlp(24, 48, lean=False)
+    lean, plain = configure(Mlp(24, 48), lean_backward=mode), Mlp(24, 48, lean=False)
     plain.load_state_dict(lean.state_dict())
     x = torch.randn(2, 1024, 24, requires_grad=True)
-    assert linear_mod._use_onednn(x, lean.fc1.weight)
-    assert linear_mod._use_onednn(x.new_empty(2, 1024, 48), lean.fc2.weight)
     w = torch.randn(2, 1024, 24)
     res = []
     for m in (lean, plain):
@@ -1209,10 +1096,10 @@ def test_lean_mlp_float32_through_onednn_matches_plain(mode, monkeypatch, onednn
 @pytest.mark.parametrize("save_probs", [False, True, None])
 def test_lean_attention_keeps_the_output_only_when_it_recomputes_probabilities(save_probs, monkeypatch):
     """Recomputing P automatically (large windows), the backward uses the output for
-    rowsum(dO * O); keeping P, or for the least memory (set_lean_backward(True), P always
+    rowsum(dO * O); keeping P, or for the least memory (lean_backward=True, P always
     recomputed), it takes that row term from P * dP and the output is not kept. Gradients
     equal autograd's through the reference path in every mode."""
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    use_lean_backward(monkeypatch, save_probs)
     monkeypatch.setattr(attention_mod, "_keep_probs", lambda *a: save_probs is True)
     t, table, index, mask, (q, k, v) = _attention_inputs(True)
     saved = []
@@ -1236,7 +1123,7 @@ def test_lean_attention_backward_in_row_blocks_matches_reference(save_probs, col
     in blocks of 16, the last one 8; every block's probabilities recomputed, or sliced from the
     kept P): gradients equal the reference's in every mode, with the region mask added per
     block or entering as extra q/k columns, and with only some inputs needing a gradient."""
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    use_lean_backward(monkeypatch, save_probs)
     monkeypatch.setattr(attention_mod, "_keep_probs", lambda *a: save_probs is True)
     monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", 1)
     if columns:
@@ -1294,7 +1181,7 @@ def test_lean_attention_backward_in_window_blocks_matches_reference(masked, save
     3): every block recomputes all rows of its windows (or slices them from the kept P, which
     needs no mask), and the gradients (q, k, v and the bias MLP's, summed over the blocks)
     equal the reference's."""
-    monkeypatch.setattr(attention_mod, "_SAVE_PROBS", [save_probs])
+    use_lean_backward(monkeypatch, save_probs)
     monkeypatch.setattr(attention_mod, "_keep_probs", lambda *a: save_probs)
     t, table, index, mask, (q, k, v) = _attention_inputs(masked, n1=72, n2=24)
     window = 2 * 24 * 4 * 72

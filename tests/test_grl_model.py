@@ -90,21 +90,21 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path):
 
 
 def test_lean_backward_option_sets_the_mode_and_rejects_bad_values(tmp_path, images):
-    """train.lean_backward: true gives the least-memory backward and a training step that
-    updates the weights; a value other than true/false/null is one clear error naming the key."""
-    from grl_plugin.layers import attention, set_lean_backward
-    try:
-        model = build_model(make_opt(tmp_path, train={"lean_backward": True}))
-        assert attention.least_memory_backward()
-        before = [p.detach().clone() for p in model.net_g.parameters()]
-        _train_steps(model, _loader(images, "train"), n=1)
-        assert any(not torch.equal(a, p) for a, p in zip(before, model.net_g.parameters()))
-        build_model(make_opt(tmp_path / "auto"))
-        assert not attention.least_memory_backward() and attention._SAVE_PROBS[0] is None
-        with pytest.raises(ValueError, match=r"train.lean_backward must be true .* got 'yes'"):
-            build_model(make_opt(tmp_path / "bad", train={"lean_backward": "yes"}))
-    finally:
-        set_lean_backward(None)
+    """train.lean_backward: true gives the least-memory backward to this model's network only
+    (a second model built afterwards keeps its own) and a training step that updates the
+    weights; a value other than true/false/null is one clear error naming the key."""
+    def modes(net):
+        return {m.lean_backward for m in net.modules() if hasattr(m, "lean_backward")}
+
+    model = build_model(make_opt(tmp_path, train={"lean_backward": True}))
+    assert modes(model.net_g) == {True}
+    before = [p.detach().clone() for p in model.net_g.parameters()]
+    _train_steps(model, _loader(images, "train"), n=1)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.net_g.parameters()))
+    other = build_model(make_opt(tmp_path / "auto"))
+    assert modes(other.net_g) == {None} and modes(model.net_g) == {True}
+    with pytest.raises(ValueError, match=r"train.lean_backward must be true .* got 'yes'"):
+        build_model(make_opt(tmp_path / "bad", train={"lean_backward": "yes"}))
 
 
 def test_tiled_validation_equals_untiled_when_one_tile_covers(tmp_path, images):

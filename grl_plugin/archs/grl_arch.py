@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Type
 import torch
 from torch import nn
 
-from ..layers import ATTN_IMPLS, GRLStage, build_last_conv, grl_geometry, pad_multiple
+from ..layers import ATTN_IMPLS, GRLStage, build_last_conv, configure, grl_geometry, pad_multiple
 from ..layers.block import pad_to_multiple, to_map, to_tokens
 
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
@@ -153,6 +153,7 @@ class GRL(nn.Module):
         if init_method in ("l", "w") or "t" in init_method:
             for layer in self.layers:
                 _init_stage(layer, init_method)
+        configure(self, bias_cache_mib=512)  # this network's own position-bias cache budget
 
     def set_attn_impl(self, impl: str) -> "GRL":
         """Switch the whole network between the fast path (``"sdpa"``) and ``"reference"``."""
@@ -161,6 +162,12 @@ class GRL(nn.Module):
         for m in self.modules():
             if hasattr(m, "attn_impl"):
                 m.attn_impl = impl
+        return self
+
+    def configure(self, **options) -> "GRL":
+        """Run-time options of every layer of this network (:func:`grl_plugin.layers.configure`:
+        ``lean_backward``, ``bias_cache_mib``); other networks in the process are not affected."""
+        configure(self, **options)
         return self
 
     @property

@@ -24,11 +24,11 @@ Two implementations give the same result:
     backward that recomputes the probabilities instead of keeping an N1 x N2 tensor between
     forward and backward, doing its gradient passes in place; where the probabilities are
     no larger than the q, k, v and output it saves anyway (small windows) it keeps them
-    instead (see :func:`set_lean_backward`). Its softmax floors probabilities at 1e-20
+    instead (see ``lean_backward`` of :func:`cosine_attention`). Its softmax floors probabilities at 1e-20
     (masked pairs would otherwise be subnormal floats, on which x86 CPUs are many times
     slower; nothing below float32 resolution changes). The position bias is computed once per call from
     the small table (MLP, sigmoid, then one gather) and, when no gradient is needed, cached
-    per module until its weights change (:func:`set_bias_cache`); beyond the cache's budget,
+    per module until its weights change (:class:`BiasCacheBudget`); beyond the cache's budget,
     the CPU eval path of large windows and stripes hands the kernel no bias tensor at all
     (:func:`_grouped_flash`: keys reversed, queries grouped by grid column).
 """
@@ -46,9 +46,6 @@ from .cpb import CpbMlp, cpb_values, grid_axes
 
 ATTN_IMPLS = ("sdpa", "reference")
 _MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
-_BIAS_CACHE = {"enabled": True, "max_bytes": 512 * 2 ** 20}
-_CACHING = weakref.WeakSet()  # the AffineTransforms holding cached biases
-_SAVE_PROBS = [None]  # None: automatic (see set_lean_backward)
 _CACHE_ENTRIES = 2  # geometries (input sizes) remembered per module
 _EPS = 1e-12  # F.normalize's default
 # Below this many keys per query the fused CPU kernel is slower than explicit logits + softmax
@@ -84,66 +81,52 @@ _CPU_HEAD_PAD_MAX = 4
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def set_bias_cache(enabled: bool = True, max_mib: Optional[float] = None) -> None:
-    """Switch the eval-time position-bias cache on (default) or off, and set its budget.
+class BiasCacheBudget:
+    """How many bytes the eval-time position-bias caches of the :class:`AffineTransform` s sharing
+    this budget may hold together (``max_mib``; 0: nothing is cached).
 
-    The cache keeps one (heads, N1, N2) tensor per attention module and geometry (e.g. 24 MiB
-    per GRL-T block and 36 MiB per GRL-B block at the SR settings, a few KiB with 8x8 windows;
-    for shifted 8x8 windows the (nW, heads, N1, N2) bias + mask, which grows with the window
-    count: 2 MiB per GRL-T block at 64x64, 8 MiB at 128x128), which saves recomputing and
-    gathering the bias (and adding the mask) at every eval forward. All modules together
-    keep at most ``max_mib`` (default 512 MiB: all of GRL-T/S at the SR settings, about a third
-    of GRL-B's 1.4 GiB); the modules beyond the budget recompute theirs, except on CPU those with
-    large windows or stripes (32x32, 64x64), which cache the runs of table cells the fused
-    kernel then reads instead of a bias tensor (1/16 and 1/13 of the bias's size, kept even
-    beyond the budget; see :meth:`AffineTransform.position_bias`). ``enabled=False`` frees
-    nothing already cached (``model.train()`` or a training forward does).
-    """
-    _BIAS_CACHE["enabled"] = bool(enabled)
-    if max_mib is not None:
-        _BIAS_CACHE["max_bytes"] = int(max_mib * 2 ** 20)
+    A cache keeps one (heads, N1, N2) tensor per attention module and geometry (e.g. 24 MiB per
+    GRL-T block and 36 MiB per GRL-B block at the SR settings, a few KiB with 8x8 windows; for
+    shifted 8x8 windows the (nW, heads, N1, N2) bias + mask), which saves recomputing and
+    gathering the bias at every eval forward. The modules beyond the budget recompute theirs,
+    except on CPU those with large windows or stripes, which cache the runs of table cells the
+    fused kernel reads instead of a bias (1/16 and 1/13 of its size, kept even beyond the
+    budget; see :meth:`AffineTransform.position_bias`). Every GRL network has its own budget of
+    512 MiB; :func:`~.block.configure` (``bias_cache_mib``) gives a module tree a new one."""
 
+    def __init__(self, max_mib: float = 512):
+        if max_mib < 0:
+            raise ValueError(f"bias_cache_mib must be >= 0, got {max_mib!r}")
+        self.max_mib = max_mib
+        self.max_bytes = int(max_mib * 2 ** 20)
+        self.members: "weakref.WeakSet[AffineTransform]" = weakref.WeakSet()
 
-def bias_cache_bytes() -> int:
-    """Bytes held by the eval-time position-bias caches of all live modules."""
-    return sum(entry[2].numel() * entry[2].element_size()
-               for module in list(_CACHING) for entry in module._bias_cache.values())
+    def used(self) -> int:
+        """Bytes held by the caches of the modules sharing this budget."""
+        return sum(module.cache_bytes() for module in list(self.members))
 
+    def __deepcopy__(self, memo):  # a copy of a network (e.g. its EMA) shares its budget
+        return self
 
-def set_lean_backward(enabled: Optional[bool] = None) -> None:
-    """CPU training memory/speed trade-off of the ``"sdpa"`` path.
-
-    ``None`` (default, automatic): the backward recomputes the attention probabilities P
-    where P (N1 x N2 per head) would be larger than the q, k, v and output that are saved
-    anyway (e.g. GRL's 32x32 windows and 64x64 stripes), and keeps P where it is not (8x8
-    windows). In blocks whose window attention keeps P, the MLP recomputes its hidden layer
-    (one more product, measured within the noise of a GRL-T/S training step on CPU, ~0.1 of
-    the fast path's training peak) and the two post-norms their inputs (the output
-    projection's and fc2's outputs: two more products, 3-11 % of a model-YAML training step on
-    CPU, ~0.1 of the peak): with them the model-YAML configs train in under half the reference
-    path's peak. Blocks whose window attention recomputes P keep them: the attention's
-    recompute already takes those to 0.10-0.16 of the reference's peak, keeping them costs
-    0.02-0.06 more (GRL-T/S at the SR settings, 64x64 and 128x128), and the three products
-    took ~5 % of GRL-S@sr's step (interleaved, 8 rounds: 0.952 of the time kept). ``True``:
-    always recompute P, MLP hidden layers and post-norm inputs, and keep no attention output
-    (least memory); ``False``: keep P, the MLP hidden layers and the post-norm inputs
-    everywhere (fastest backward, most memory). The MLP and post-norm parts apply on any
-    device.
-    """
-    _SAVE_PROBS[0] = None if enabled is None else not enabled
+    def __reduce__(self):  # pickled (torch.save of a whole module): the limit, not the members
+        return (BiasCacheBudget, (self.max_mib,))
 
 
-def least_memory_backward() -> bool:
-    """Whether :func:`set_lean_backward` asked for the least-memory backward (``True``)."""
-    return _SAVE_PROBS[0] is False
+#: The budget of AffineTransforms made outside a GRL network, until configured otherwise.
+DEFAULT_BIAS_BUDGET = BiasCacheBudget()
 
 
-def keep_mlp_hidden(large_attention: bool = False) -> bool:
+def bias_cache_bytes(module: nn.Module) -> int:
+    """Bytes held by the eval-time position-bias caches of the attentions inside ``module``."""
+    return sum(m.cache_bytes() for m in module.modules() if isinstance(m, AffineTransform))
+
+
+def keep_mlp_hidden(large_attention: bool = False, lean_backward: Optional[bool] = None) -> bool:
     """Whether a block's MLP keeps its hidden layer and its post-norms their inputs for the
-    backward: forced by :func:`set_lean_backward` (``False`` keeps, ``True`` does not), else
-    where the block's attention recomputes its probabilities (``large_attention``, see
+    backward: ``lean_backward`` False keeps, True does not; ``None`` (automatic) keeps them where
+    the block's attention recomputes its probabilities (``large_attention``, see
     :func:`probs_recomputed`)."""
-    return _SAVE_PROBS[0] is True or (_SAVE_PROBS[0] is None and large_attention)
+    return lean_backward is False or (lean_backward is None and large_attention)
 
 
 def probs_recomputed(n1: int, n2: int, d: int, dv: int) -> bool:
@@ -153,11 +136,11 @@ def probs_recomputed(n1: int, n2: int, d: int, dv: int) -> bool:
     return n1 * n2 > n1 * d + n2 * d + n2 * dv + n1 * dv
 
 
-def _keep_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the CPU backward keeps P: forced by :func:`set_lean_backward`, else where
-    :func:`probs_recomputed` says no."""
-    if _SAVE_PROBS[0] is not None:
-        return _SAVE_PROBS[0]
+def _keep_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lean_backward: Optional[bool]) -> bool:
+    """Whether the CPU backward keeps P: not for ``lean_backward`` True, always for False, else
+    where :func:`probs_recomputed` says no."""
+    if lean_backward is not None:
+        return not lean_backward
     return not probs_recomputed(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1])
 
 
@@ -179,6 +162,11 @@ class AffineTransform(nn.Module):
         self.cpb_mlp = nn.Sequential(nn.Linear(2, cpb_hidden, bias=True), nn.ReLU(inplace=True),
                                      nn.Linear(cpb_hidden, num_heads, bias=False))
         self._bias_cache: dict = {}
+        self.bias_budget = DEFAULT_BIAS_BUDGET
+
+    def cache_bytes(self) -> int:
+        """Bytes held by this module's eval-time position-bias cache."""
+        return sum(entry[2].numel() * entry[2].element_size() for entry in self._bias_cache.values())
 
     def scale(self) -> torch.Tensor:
         """exp(min(logit_scale, log 100)), shape (heads, 1, 1)."""
@@ -200,7 +188,7 @@ class AffineTransform(nn.Module):
         before the gather (it is elementwise), and the gather is one ``index_select`` (a faster
         kernel than advanced indexing, and a dense ``index_add_`` backward instead of
         ``index_put_(accumulate=True)``, which sorts the N1 * N2 index on every call). Cached
-        while no gradient is needed (see :func:`set_bias_cache`); the cache key holds the
+        while no gradient is needed (see :class:`BiasCacheBudget`); the cache key holds the
         weights' versions, so an optimizer step or ``load_state_dict`` invalidates it, and it
         holds the autocast dtype, so a bias made under autocast never serves a float32 forward.
         (The masked sum is what small shifted windows hand the attention kernel; caching it
@@ -214,7 +202,8 @@ class AffineTransform(nn.Module):
         costs more (GRL-B at the SR settings, whose biases are 1.4 GiB: 0.92 of the time).
         """
         lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
-        cache = (_BIAS_CACHE["enabled"] and not torch.is_grad_enabled()
+        budget = self.bias_budget
+        cache = (budget.max_bytes > 0 and not torch.is_grad_enabled()
                  and not (torch.jit.is_tracing() or torch.compiler.is_compiling()))
         if cache:
             device = table.device.type  # values made under autocast (16-bit) are not float32's
@@ -230,7 +219,7 @@ class AffineTransform(nn.Module):
                 self._bias_cache.pop(next(iter(self._bias_cache)))
         values = self.bias_values(table)
         size = index.numel() * values.shape[0] * values.element_size() * (1 if mask is None else mask.shape[0])
-        fits = cache and bias_cache_bytes() + size <= _BIAS_CACHE["max_bytes"]
+        fits = cache and budget.used() + size <= budget.max_bytes
         if plan is not None and not fits:
             bias = _grouped_bias(values, plan)
         else:
@@ -239,7 +228,7 @@ class AffineTransform(nn.Module):
                 bias = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)
         if cache and (fits or plan is not None):
             self._bias_cache[key] = ((table, index, mask), versions, bias)
-            _CACHING.add(self)
+            budget.members.add(self)
         return bias
 
     def bias_values(self, table: torch.Tensor) -> torch.Tensor:
@@ -512,7 +501,7 @@ class _LeanAttention(torch.autograd.Function):
     With ``save_probs`` (or where the fused kernel is missing, or v's head dim differs from
     q's, which it does not take) the forward computes P explicitly and keeps it instead of
     the output and the log-sum-exp (faster backward; the row term is then rowsum(P * dP), as
-    also under ``set_lean_backward(True)``, which keeps neither P nor the output).
+    also with ``least_memory`` (``lean_backward=True``), which keeps neither P nor the output).
 
     Where the index is GRL's relative index of a large window or stripe (:func:`_reversed_keys`),
     the keys (and values) are taken in reverse order: then the bias is the (heads, T) table seen
@@ -523,7 +512,7 @@ class _LeanAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, values, index, mask, save_probs, width=None):
+    def forward(ctx, q, k, v, values, index, mask, save_probs, width=None, least_memory=False):
         plan = _reversed_keys(index, width) if values.is_contiguous() else None
         ctx.plan = plan
         if plan is None:
@@ -545,7 +534,7 @@ class _LeanAttention(torch.autograd.Function):
         ctx.n_values = values.shape[1]
         # with P kept, or for the least memory, the backward takes the row term from P * dP
         # and the output is not kept
-        keep_out = p is None and not least_memory_backward()
+        keep_out = p is None and not least_memory
         # with a plan, the backward sees the bias through strides again: the table is kept, not the bias
         ctx.save_for_backward(q, k, v, bias if plan is None else values, index, mask,
                               out if keep_out else None, p, lse)
@@ -628,7 +617,7 @@ class _LeanAttention(torch.autograd.Function):
         if plan is not None:  # back to the keys' own order
             d_k = None if d_k is None else d_k.flip(-2)
             d_v = None if d_v is None else d_v.flip(-2)
-        return d_q, d_k, d_v, d_values, None, None, None, None
+        return d_q, d_k, d_v, d_values, None, None, None, None, None
 
 
 def _backward_blocks(n: int, row_bytes: int, n1: int, multiple: int = 16,
@@ -852,7 +841,8 @@ def normalize_qkv(qkv: torch.Tensor, scale: torch.Tensor):
 
 def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transform: AffineTransform,
                      table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                     dropout_p: float = 0.0, impl: str = "sdpa", normalized: bool = False) -> torch.Tensor:
+                     dropout_p: float = 0.0, impl: str = "sdpa", normalized: bool = False,
+                     lean_backward: Optional[bool] = None) -> torch.Tensor:
     """Scaled cosine attention with position bias and optional region mask.
 
     Args:
@@ -865,6 +855,10 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         impl: ``"sdpa"`` or ``"reference"``.
         normalized: ``"sdpa"`` only: q and k are already normalised and q carries the logit
             scale (:func:`normalize_qkv`), as the window and stripe modules hand them over.
+        lean_backward: CPU training memory/speed trade-off of ``"sdpa"``: ``None`` (automatic)
+            recomputes the probabilities P in the backward where P is larger than the q, k, v
+            and output kept anyway (:func:`probs_recomputed`), ``True`` always (and keeps no
+            output: least memory), ``False`` never (fastest backward).
 
     Returns:
         (B*nW, heads, N1, dv).
@@ -892,7 +886,8 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
         values = transform.bias_values(table).to(q.dtype)
         if any(t.requires_grad for t in (q, k, v, values)):
             v = v.contiguous()
-            return _LeanAttention.apply(q, k, v, values, index, mask, _keep_probs(q, k, v), table.shape[-2])
+            return _LeanAttention.apply(q, k, v, values, index, mask, _keep_probs(q, k, v, lean_backward),
+                                        table.shape[-2], lean_backward is True)
         bias = _gather_bias(values, index, table.shape[-2])
     else:
         bias = None

@@ -17,9 +17,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import keep_mlp_hidden, probs_recomputed
+from .attention import AffineTransform, BiasCacheBudget, keep_mlp_hidden, probs_recomputed
 from .geometry import GRLGeometry, grl_geometry, pad_multiple
-from .linear import linear, linear_backward, linear_gelu
 from .local import CAB
 from .stripe_attn import AnchorProjection, AnchorStripeAttention
 from .window_attn import WindowAttention
@@ -98,6 +97,34 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+_UNSET = object()
+
+
+def configure(module: nn.Module, *, lean_backward=_UNSET, bias_cache_mib=_UNSET) -> nn.Module:
+    """Set run-time options on every GRL layer inside ``module`` (a network, a stage, a block);
+    nothing outside it changes. Returns ``module``.
+
+    * ``lean_backward``: the CPU training memory/speed trade-off of the fast path -- ``None``
+      (default, automatic), ``True`` (least memory: attention probabilities, MLP hidden layers
+      and post-norm inputs recomputed in the backward) or ``False`` (fastest: all kept); see
+      :func:`~.attention.cosine_attention`.
+    * ``bias_cache_mib``: one new :class:`~.attention.BiasCacheBudget` of that many MiB shared by
+      the module's attentions (0: no eval-time position-bias caching); their caches are emptied.
+    """
+    if bias_cache_mib is not _UNSET:
+        budget = BiasCacheBudget(bias_cache_mib)
+        for m in module.modules():
+            if isinstance(m, AffineTransform):
+                m.bias_budget, m._bias_cache = budget, {}
+    if lean_backward is not _UNSET:
+        if lean_backward is not None and not isinstance(lean_backward, bool):
+            raise ValueError(f"lean_backward must be True, False or None, got {lean_backward!r}")
+        for m in module.modules():
+            if hasattr(m, "lean_backward"):
+                m.lean_backward = lean_backward
+    return module
+
+
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
@@ -131,6 +158,16 @@ def _norm_backward(d_out, y, mean, rstd, weight, bias, need_weight, need_bias):
         [True, need_weight and weight is not None, need_bias and bias is not None])
 
 
+def _linear_grads(d_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_weight: bool,
+                  need_bias: bool):
+    """Gradients (x, weight, bias) of ``F.linear(x, weight, bias)`` for ``d_out``; ``None`` where
+    not asked for."""
+    d_2d = d_out.reshape(-1, d_out.shape[-1])
+    return (torch.matmul(d_out, weight) if need_x else None,
+            d_2d.t().mm(x.reshape(-1, x.shape[-1])) if need_weight else None,
+            d_2d.sum(0) if need_bias else None)
+
+
 class _LinearNorm(torch.autograd.Function):
     """``layer_norm(linear(x, w, b))`` (the attention's output projection and the block's
     post-norm) keeping for the backward what the product's backward needs anyway (x) and the
@@ -139,7 +176,7 @@ class _LinearNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, eps, norm_weight, norm_bias):
-        out, mean, rstd = _norm_forward(linear(x, w, b), (eps, norm_weight, norm_bias))
+        out, mean, rstd = _norm_forward(F.linear(x, w, b), (eps, norm_weight, norm_bias))
         ctx.save_for_backward(x, w, b, norm_weight, norm_bias, mean, rstd)
         return out
 
@@ -147,8 +184,8 @@ class _LinearNorm(torch.autograd.Function):
     def backward(ctx, d_out):
         x, w, b, nw, nb, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b, _, need_nw, need_nb = ctx.needs_input_grad
-        d_y, d_nw, d_nb = _norm_backward(d_out, linear(x, w, b), mean, rstd, nw, nb, need_nw, need_nb)
-        d_x, d_w, d_b = linear_backward(d_y, x, w, need_x, need_w, need_b and b is not None)
+        d_y, d_nw, d_nb = _norm_backward(d_out, F.linear(x, w, b), mean, rstd, nw, nb, need_nw, need_nb)
+        d_x, d_w, d_b = _linear_grads(d_y, x, w, need_x, need_w, need_b and b is not None)
         return d_x, d_w, d_b, None, d_nw, d_nb
 
 
@@ -162,8 +199,8 @@ class _LeanMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, recompute_hidden=False, norm_eps=None, norm_weight=None,
                 norm_bias=None):
-        h = linear(x, w1, b1)
-        out = linear(F.gelu(h), w2, b2)
+        h = F.linear(x, w1, b1)
+        out = F.linear(F.gelu(h), w2, b2)
         mean = rstd = None
         if norm_eps is not None:
             out, mean, rstd = _norm_forward(out, (norm_eps, norm_weight, norm_bias))
@@ -175,27 +212,27 @@ class _LeanMlp(torch.autograd.Function):
     def backward(ctx, d_out):
         x, h, w1, b1, w2, b2, nw, nb, mean, rstd = ctx.saved_tensors
         if h is None:
-            h = linear(x, w1, b1)
+            h = F.linear(x, w1, b1)
         needs = ctx.needs_input_grad + (False,) * (9 - len(ctx.needs_input_grad))  # (norm args left out)
         need_x, need_w1, need_b1, need_w2, need_b2, _, _, need_nw, need_nb = needs
         g = F.gelu(h)
         d_nw = d_nb = None
         if mean is not None:  # the post-norm inside
-            d_out, d_nw, d_nb = _norm_backward(d_out, linear(g, w2, b2), mean, rstd, nw, nb, need_nw, need_nb)
-        d_g, d_w2, d_b2 = linear_backward(d_out, g, w2, True, need_w2, need_b2 and b2 is not None)
+            d_out, d_nw, d_nb = _norm_backward(d_out, F.linear(g, w2, b2), mean, rstd, nw, nb, need_nw, need_nb)
+        d_g, d_w2, d_b2 = _linear_grads(d_out, g, w2, True, need_w2, need_b2 and b2 is not None)
         del g
         d_h = torch.ops.aten.gelu_backward(d_g, h)
         del h, d_g
-        d_x, d_w1, d_b1 = linear_backward(d_h, x, w1, need_x, need_w1, need_b1 and b1 is not None)
+        d_x, d_w1, d_b1 = _linear_grads(d_h, x, w1, need_x, need_w1, need_b1 and b1 is not None)
         return d_x, d_w1, d_b1, d_w2, d_b2, None, None, d_nw, d_nb
 
 
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``).
 
-    ``lean`` (default, the fast path): the products go through :func:`.linear.linear`, and in
+    ``lean`` (default, the fast path): in
     training without dropout or autocast :class:`_LeanMlp` keeps only the input for the
-    backward (recomputing fc1 and the GELU there), or under ``set_lean_backward(False)`` the
+    backward (recomputing fc1 and the GELU there), or with ``lean_backward=False`` the
     input and fc1's output (recomputing the GELU); same outputs and gradients. ``forward(x,
     norm)`` applies a block's post-norm after fc2, there recomputing the norm's input too. Stored as
     ``attn_impl`` (``"reference"`` when not lean), the attribute ``GRL.set_attn_impl`` switches
@@ -210,6 +247,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
         self.attn_impl = "sdpa" if lean else "reference"
+        self.lean_backward: Optional[bool] = None  # see keep_mlp_hidden; set by layers.configure
 
     @property
     def lean(self) -> bool:
@@ -225,13 +263,13 @@ class Mlp(nn.Module):
             y = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
             return y if norm is None else norm(y)
         if _lean_autograd(x, self, self.drop1, self.drop2):
-            keep = keep_mlp_hidden(large_attention)
+            keep = keep_mlp_hidden(large_attention, self.lean_backward)
             fused = None if keep else _norm_args(norm)
             y = _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, not keep,
                                *((None, None, None) if fused is None else fused))
             return y if norm is None or fused is not None else norm(y)
-        h = self.drop1(linear_gelu(x, self.fc1.weight, self.fc1.bias))
-        y = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
+        h = self.drop1(F.gelu(F.linear(x, self.fc1.weight, self.fc1.bias)))
+        y = self.drop2(F.linear(h, self.fc2.weight, self.fc2.bias))
         return y if norm is None else norm(y)
 
 
@@ -275,8 +313,8 @@ class QKVProjection(nn.Module):
         without copying a strided slice first)."""
         w, b = self.body.weight, self.body.bias
         half = w.shape[0] // 2
-        return (linear(x, w[:half], None if b is None else b[:half]),
-                linear(x, w[half:], None if b is None else b[half:]))
+        return (F.linear(x, w[:half], None if b is None else b[:half]),
+                F.linear(x, w[half:], None if b is None else b[half:]))
 
 
 class MixedAttention(nn.Module):
@@ -326,6 +364,7 @@ class MixedAttention(nn.Module):
                                                  attn_drop, attn_impl)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.lean_backward: Optional[bool] = None  # see keep_mlp_hidden; set by layers.configure
 
     @property
     def large_attention(self) -> bool:
@@ -355,7 +394,7 @@ class MixedAttention(nn.Module):
                 geom: Optional[GRLGeometry] = None, norm: Optional[nn.Module] = None) -> torch.Tensor:
         """The attention output ``proj(...)``, or ``norm(proj(...))`` (a block's post-norm:
         on the fast path in training, the norm's input is recomputed in the backward instead
-        of kept, unless ``set_lean_backward(False)``)."""
+        of kept, unless ``lean_backward`` is False)."""
         if geom is None:
             geom = self.geometry(x_size, x.device)
         stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
@@ -378,9 +417,10 @@ class MixedAttention(nn.Module):
             self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
             self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
         fused = _norm_args(norm)
-        if fused is not None and not keep_mlp_hidden(self.large_attention) and _lean_autograd(x, self, self.proj_drop):
+        if (fused is not None and not keep_mlp_hidden(self.large_attention, self.lean_backward)
+                and _lean_autograd(x, self, self.proj_drop)):
             return _LinearNorm.apply(y, self.proj.weight, self.proj.bias, *fused)
-        y = self.proj_drop(linear(y, self.proj.weight, self.proj.bias))
+        y = self.proj_drop(F.linear(y, self.proj.weight, self.proj.bias))
         return y if norm is None else norm(y)
 
 

@@ -117,6 +117,7 @@ class AnchorStripeAttention(nn.Module):
         self.stripe_type, self.stripe_shift = stripe_type, stripe_shift
         self.attn_drop = attn_drop
         self.attn_impl = attn_impl
+        self.lean_backward: Optional[bool] = None  # see cosine_attention; set by layers.configure
         self.attn_transform1 = AffineTransform(num_heads)
         self.attn_transform2 = AffineTransform(num_heads)
 
@@ -135,9 +136,11 @@ class AnchorStripeAttention(nn.Module):
 
         def attend(q, k, v, a, a_query, normalized):  # anchor -> window, then window -> anchor
             y = cosine_attention(a_query, k, v, self.attn_transform1, geom.table, geom.index_a2w,
-                                 geom.mask_a2w if masked else None, drop, self.attn_impl, normalized)
+                                 geom.mask_a2w if masked else None, drop, self.attn_impl, normalized,
+                                 self.lean_backward)
             return cosine_attention(q, a, y, self.attn_transform2, geom.table, geom.index_w2a,
-                                    geom.mask_w2a if masked else None, drop, self.attn_impl, normalized)
+                                    geom.mask_w2a if masked else None, drop, self.attn_impl, normalized,
+                                    self.lean_backward)
 
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
             (order, inverse), (a_order, a_inverse) = geom.orders[int(masked)], geom.anchor_orders[int(masked)]

@@ -108,6 +108,7 @@ class WindowAttention(nn.Module):
         self.window_shift = window_shift
         self.attn_drop = attn_drop
         self.attn_impl = attn_impl
+        self.lean_backward: Optional[bool] = None  # see cosine_attention; set by layers.configure
         self.attn_transform = AffineTransform(num_heads)
 
     def forward(self, qkv: torch.Tensor, x_size: Tuple[int, int], geom: WindowGeometry,
@@ -121,7 +122,8 @@ class WindowAttention(nn.Module):
         def attend(q, k, v, normalized=False):
             return cosine_attention(q, k, v, self.attn_transform, geom.table, geom.index,
                                     geom.mask if shift else None,
-                                    self.attn_drop if self.training else 0.0, self.attn_impl, normalized)
+                                    self.attn_drop if self.training else 0.0, self.attn_impl, normalized,
+                                    self.lean_backward)
 
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
             order, inverse = geom.orders[1 if shift else 0]

@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from ..archs.checkpoint import CheckpointError, CheckpointWarning, check_fit, load_checkpoint, torch_load
 from ..archs.grl_arch import GRL
-from ..layers import compile_blocks, set_lean_backward
+from ..layers import compile_blocks, configure
 from ..tiling import tiled_forward
 from .checkpoint_io import save_checkpoint_file, trust_checkpoint
 from .exact_resume import get_rng_state, resume_progress, set_rng_state, training_progress
@@ -199,7 +199,7 @@ class GRLModel(SRModel):
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.nan_tolerance = _nan_tolerance(train_opt.get("nan_tolerance", DEFAULT_NAN_TOLERANCE))
         lean = _lean_backward(train_opt.get("lean_backward"))
-        set_lean_backward(lean)  # (process-wide: the last model built decides)
+        configure(self.get_bare_model(self.net_g), lean_backward=lean)  # this model's network only
         if lean is not None:
             get_root_logger().info(f"Lean backward: {'least memory' if lean else 'fastest (keep probabilities)'}.")
         self.nonfinite_streak = 0  # iterations in a row with a non-finite loss
