@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from grl_plugin.archs.grl_arch import GRL
 from helpers import assert_same_training_step
 from grl_plugin.layers import attention as attention_mod
+from grl_plugin.layers import bias as bias_mod
+from grl_plugin.layers.kernels import cpu as cpu_mod
+from grl_plugin.layers.kernels import sdpa as sdpa_mod
 from grl_plugin.layers import cpb as cpb_mod
 from grl_plugin.layers import configure
 from grl_plugin.layers.attention import AffineTransform, cosine_attention
@@ -368,15 +371,15 @@ def test_fused_eval_path_matches_reference(masked, n2, batch, monkeypatch):
     more (40) the fused kernel; both give the reference's result, for one image (its windows
     are the kernel's batch) and two (the per-window bias + mask broadcast over images)."""
     fused_calls = []
-    real = attention_mod._fused
-    monkeypatch.setattr(attention_mod, "_fused", lambda *a, **kw: (fused_calls.append(1), real(*a, **kw))[1])
+    real = cpu_mod._fused
+    monkeypatch.setattr(cpu_mod, "_fused", lambda *a, **kw: (fused_calls.append(1), real(*a, **kw))[1])
     t, table, index, mask, (q, k, v) = _attention_inputs(masked, requires_grad=False, n2=n2, batch=batch)
     with torch.no_grad():
         ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
         fast = cosine_attention(q, k, v, t, table, index, mask, impl="sdpa")
         again = cosine_attention(q, k, v, t, table, index, mask, impl="sdpa")  # from the bias cache
     assert (ref - fast).abs().max() <= TOL and torch.equal(fast, again)
-    assert len(fused_calls) == 2 * (n2 >= attention_mod._CPU_FUSED_MIN_KEYS)
+    assert len(fused_calls) == 2 * (n2 >= cpu_mod._CPU_FUSED_MIN_KEYS)
     if masked:  # small windows: the eval cache holds bias + mask, one (nW, heads, N1, N2) tensor
         (entry,) = t._bias_cache.values()
         assert entry[0][2] is mask and entry[2].shape == (mask.shape[0], 2) + tuple(index.shape)
@@ -523,11 +526,11 @@ def test_automatic_backward_keeps_probabilities_only_when_small(monkeypatch):
     """Automatic mode: P kept for 8x8 windows (64 x 64 per head, d 32), recomputed for 32x32
     windows (1024 x 1024, d 16) and 64x64 stripes against 16x16 anchors (4096 x 256, d 16)."""
     e = torch.empty
-    assert attention_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32), None)
-    assert not attention_mod._keep_probs(e(1, 2, 1024, 16), e(1, 2, 1024, 16), e(1, 2, 1024, 16), None)
-    assert not attention_mod._keep_probs(e(1, 2, 4096, 16), e(1, 2, 256, 16), e(1, 2, 256, 16), None)
+    assert cpu_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32), None)
+    assert not cpu_mod._keep_probs(e(1, 2, 1024, 16), e(1, 2, 1024, 16), e(1, 2, 1024, 16), None)
+    assert not cpu_mod._keep_probs(e(1, 2, 4096, 16), e(1, 2, 256, 16), e(1, 2, 256, 16), None)
     for forced in (True, False):
-        assert attention_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32), not forced) is forced
+        assert cpu_mod._keep_probs(e(1, 2, 64, 32), e(1, 2, 64, 32), e(1, 2, 64, 32), not forced) is forced
 
 
 def test_cpu_softmax_floor_matches_softmax_and_leaves_no_subnormals():
@@ -539,7 +542,7 @@ def test_cpu_softmax_floor_matches_softmax_and_leaves_no_subnormals():
     ref = torch.softmax(s, -1)
     tiny = torch.finfo(torch.float32).tiny
     assert ((ref > 0) & (ref < tiny)).any()  # softmax itself writes subnormals here
-    for p in (attention_mod._softmax_(s.clone()), attention_mod._probs_(s - torch.logsumexp(s, -1, keepdim=True))):
+    for p in (cpu_mod._softmax_(s.clone()), cpu_mod._probs_(s - torch.logsumexp(s, -1, keepdim=True))):
         assert (p - ref).abs().max() <= 4e-6  # float32 rounding of exp at logits up to ~40
         assert not ((p > 0) & (p < tiny)).any()
         assert float(p.min()) >= 0.99e-20 / s.shape[-1]  # the floor, divided by a row sum <= N2
@@ -551,13 +554,13 @@ def test_head_dim_padding_for_fused_kernels_changes_nothing(masked, columns, mon
     on the CPU, the padded call gives the unpadded result, gradients included; also with the
     region mask as extra q/k columns (their count padded to the multiple as well)."""
     if columns:
-        monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
-        monkeypatch.setattr(attention_mod, "_mask_columns", _real_mask_factors_for_random_mask)
+        monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
+        monkeypatch.setattr(sdpa_mod, "mask_columns", _real_mask_factors_for_random_mask)
     t, table, index, mask, (q, k, v) = _attention_inputs(masked)
     q, k, v = (x[..., :3] for x in (q, k, v))  # head dim 3: padded to 8
     bias = t.position_bias(table, index)
-    plain = attention_mod._fused(q, k, v, bias, mask, head_multiple=1)
-    padded = attention_mod._fused(q, k, v, bias, mask, head_multiple=8)
+    plain = sdpa_mod.fused(q, k, v, bias, mask, head_multiple=1)
+    padded = sdpa_mod.fused(q, k, v, bias, mask, head_multiple=8)
     assert padded.shape == plain.shape and (padded - plain).abs().max() <= 1e-6
     g1 = torch.autograd.grad(plain.sum(), (q, k, v), retain_graph=True)
     g2 = torch.autograd.grad(padded.sum(), (q, k, v))
@@ -576,9 +579,9 @@ def test_region_mask_as_extra_columns_matches_reference_eval_and_training(save_p
     bias + mask for all windows, also in one call."""
     from grl_plugin.layers.geometry import coords_table, mask_factors, mask_split, relative_index, window_mask
     use_lean_backward(monkeypatch, save_probs)
-    monkeypatch.setattr(attention_mod, "_CPU_FUSED_MIN_KEYS", 64)  # eval: the fused kernel at 64 keys
+    monkeypatch.setattr(cpu_mod, "_CPU_FUSED_MIN_KEYS", 64)  # eval: the fused kernel at 64 keys
     if columns:
-        monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 64 * 64)
+        monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 64 * 64)
     cpu = torch.device("cpu")
     mask = window_mask((32, 32), 8, 4, cpu)
     masked, plain, values = mask_split(mask)
@@ -592,11 +595,11 @@ def test_region_mask_as_extra_columns_matches_reference_eval_and_training(save_p
     assert torch.equal(b[masked].sum(-1), torch.ones(7, 64)) and not b[plain].any()  # one group per key
     n, d = 64, 4
     masks_seen = []
-    real = attention_mod._sdpa
+    real = sdpa_mod.run
 
     def spy(q, k, v, bias, mask, kernel, *rest):  # the additive masks the kernel receives
         return real(q, k, v, bias, mask, lambda *a: (masks_seen.append(a[3]), kernel(*a))[1], *rest)
-    monkeypatch.setattr(attention_mod, "_sdpa", spy)
+    monkeypatch.setattr(sdpa_mod, "run", spy)
     torch.manual_seed(3)
     t = AffineTransform(2)
     table, index = coords_table((8, 8), 1, cpu), relative_index((8, 8), 1, True, cpu)
@@ -640,7 +643,7 @@ def test_mask_factors_of_all_grl_masks_and_a_mask_that_does_not_factor():
     q, k, v = (torch.randn(4, 2, 3, 4) for _ in range(3))
     with torch.no_grad():  # the fused path forms bias + mask instead
         ref = cosine_attention(q, k, v, t, table, index, odd, impl="reference")
-        fast = attention_mod._fused(F.normalize(q, dim=-1) * t.scale(), F.normalize(k, dim=-1), v,
+        fast = sdpa_mod.fused(F.normalize(q, dim=-1) * t.scale(), F.normalize(k, dim=-1), v,
                                     t.position_bias(table, index), odd)
     assert (ref - fast).abs().max() <= TOL
 
@@ -653,7 +656,7 @@ def test_eval_bias_cache_keeps_autocast_biases_apart(budget_mib, monkeypatch):
     (budget 0, large windows forced)."""
     from grl_plugin.layers.geometry import relative_index
     cpu = torch.device("cpu")
-    monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", 1)
+    monkeypatch.setattr(bias_mod, "_LARGE_INDEX_MIN", 1)
     torch.manual_seed(6)
     index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
     q, k, v = (torch.randn(4, 2, 64, 16) for _ in range(3))
@@ -722,9 +725,9 @@ def test_two_step_bias_gather_equals_plain_gather(monkeypatch):
         patterns, runs, rows = gather_plan(index, width)
         assert index.numel() % runs.numel() == 0 and index.numel() // runs.numel() >= 4
         values = torch.randn(3, table.shape[1] * width, requires_grad=True)
-        plain = attention_mod._gather_bias(values, index)
-        monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", 1)  # also the small indices
-        two = attention_mod._gather_bias(values, index, width)
+        plain = bias_mod.gather_bias(values, index)
+        monkeypatch.setattr(bias_mod, "_LARGE_INDEX_MIN", 1)  # also the small indices
+        two = bias_mod.gather_bias(values, index, width)
         assert torch.equal(two, plain)
         w = torch.randn_like(plain)
         g1, = torch.autograd.grad((plain * w).sum(), values)
@@ -750,11 +753,11 @@ def test_reversed_keys_plan_is_the_index_as_strides():
         anchors = (window[0] // df, window[1] // df)
         assert plan[1] == (window + anchors if w2a else anchors + window)
         assert torch.equal(plan[3], index.flip(-1))
-        numbers = attention_mod._strided_bias(torch.arange(cells)[None], plan)
+        numbers = bias_mod.strided_bias(torch.arange(cells)[None], plan)
         assert torch.equal(numbers.reshape(index.shape), index.flip(-1))
         values = torch.randn(3, cells)
-        assert torch.equal(attention_mod._strided_bias(values, plan).reshape(3, *index.shape),
-                           attention_mod._gather_bias(values, index).flip(-1))
+        assert torch.equal(bias_mod.strided_bias(values, plan).reshape(3, *index.shape),
+                           bias_mod.gather_bias(values, index).flip(-1))
     index = relative_index((8, 8), 1, True, cpu)
     assert reversed_keys_plan(index[torch.randperm(64)], 15) is None  # queries out of order
     assert reversed_keys_plan(index, 16) is None  # not this table's width
@@ -767,26 +770,26 @@ def test_cpu_kernel_head_dims_padded_to_multiples_of_16(monkeypatch):
     the unpadded attention's output (the explicit one) in the plain, masked and grouped
     calls."""
     from grl_plugin.layers.geometry import coords_table, relative_index, reversed_keys_plan, window_mask
-    assert [attention_mod._cpu_head_pad(d) for d in (30, 28, 31, 32, 62, 14, 24, 56, 34, 16)] == \
+    assert [cpu_mod._cpu_head_pad(d) for d in (30, 28, 31, 32, 62, 14, 24, 56, 34, 16)] == \
         [2, 4, 1, 0, 2, 2, 0, 0, 0, 0]
     cpu = torch.device("cpu")
-    monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)  # masks as columns at 8x8 too
+    monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)  # masks as columns at 8x8 too
     widths = []
-    real_flash, real_sdpa = attention_mod._FLASH_CPU, F.scaled_dot_product_attention
-    monkeypatch.setattr(attention_mod, "_FLASH_CPU", lambda q, *a, **kw: widths.append(q.shape[-1]) or real_flash(q, *a, **kw))
+    real_flash, real_sdpa = cpu_mod._FLASH_CPU, F.scaled_dot_product_attention
+    monkeypatch.setattr(cpu_mod, "_FLASH_CPU", lambda q, *a, **kw: widths.append(q.shape[-1]) or real_flash(q, *a, **kw))
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: widths.append(q.shape[-1]) or real_sdpa(q, *a, **kw))
     torch.manual_seed(4)
     index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
     plan = reversed_keys_plan(index, table.shape[2])
     values = torch.rand(2, table.shape[1] * table.shape[2]) * 16
-    bias = attention_mod._gather_bias(values, index)
+    bias = bias_mod.gather_bias(values, index)
     mask = window_mask((16, 16), 8, 4, cpu)
     for d, masked, width in [(30, False, 32), (24, False, 24), (28, True, 32), (30, True, 34), (26, True, 32)]:
         m = mask if masked else None
         q, k, v = (torch.randn(8, 2, 64, d) for _ in range(3))
-        want = attention_mod._explicit(q, k, v, bias, m, 0.0, inplace=False)
-        got = [attention_mod._fused(q, k, v, bias, m), attention_mod._fused_with_lse(q, k, v, bias, m)[0],
-               attention_mod._grouped_flash(q, k.flip(-2), v.flip(-2), attention_mod._grouped_bias(values, plan),
+        want = sdpa_mod.explicit(q, k, v, bias, m, 0.0, inplace=False)
+        got = [cpu_mod._fused(q, k, v, bias, m), cpu_mod._fused_with_lse(q, k, v, bias, m)[0],
+               cpu_mod._grouped_flash(q, k.flip(-2), v.flip(-2), bias_mod.grouped_bias(values, plan),
                                             None if m is None else m.flip(-1))]
         assert widths == [width] * (2 + 8), (d, masked, widths)  # (the grouped call: one per window)
         widths.clear()
@@ -794,7 +797,7 @@ def test_cpu_kernel_head_dims_padded_to_multiples_of_16(monkeypatch):
             assert out.shape == want.shape and (out - want).abs().max() <= 1e-5
 
 
-@pytest.mark.skipif(attention_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
+@pytest.mark.skipif(cpu_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
 def test_grouped_flash_equals_attention_with_the_gathered_bias(monkeypatch):
     """The fused kernel called per window with queries grouped by grid column and the bias read
     from the (heads, Qx, Qy + Ky - 1, Kx) runs (keys reversed) gives softmax(q k^T + bias
@@ -804,7 +807,7 @@ def test_grouped_flash_equals_attention_with_the_gathered_bias(monkeypatch):
     cells: the bias row of query (qy, qx) is ``runs[:, qx, qy:qy + Ky].flatten()``."""
     from grl_plugin.layers.geometry import coords_table, relative_index, reversed_keys_plan, window_mask
     cpu = torch.device("cpu")
-    monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)  # masks as columns at 8x8 too
+    monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)  # masks as columns at 8x8 too
     torch.manual_seed(5)
     cases = [((8, 8), 1, True, None), ((16, 8), 4, True, None), ((16, 8), 4, False, None),
              ((12, 24), 4, True, None), ((8, 8), 1, True, window_mask((16, 16), 8, 4, cpu))]
@@ -813,30 +816,30 @@ def test_grouped_flash_equals_attention_with_the_gathered_bias(monkeypatch):
         width, (n1, n2) = table.shape[2], index.shape
         plan = reversed_keys_plan(index, width)
         cells = table.shape[1] * width
-        runs = attention_mod._grouped_bias(torch.arange(cells)[None], plan)
+        runs = bias_mod.grouped_bias(torch.arange(cells)[None], plan)
         qy, qx, ky, kx = plan[1]
         assert runs.shape == (1, qx, qy + ky - 1, kx)
         for y in range(qy):
             for x in range(qx):
                 assert torch.equal(runs[0, x, y:y + ky].flatten(), index[y * qx + x].flip(-1))
         values = torch.rand(3, cells) * 16
-        bias = attention_mod._gather_bias(values, index)
+        bias = bias_mod.gather_bias(values, index)
         n = 8 if mask is not None else 2
         q, k = torch.randn(n, 3, n1, 6), torch.randn(n, 3, n2, 6)
         for dv in (6, 5):
             v = torch.randn(n, 3, n2, dv)
-            want = attention_mod._explicit(q, k, v, bias, mask, 0.0, inplace=False)
-            got = attention_mod._grouped_flash(q, k.flip(-2), v.flip(-2), attention_mod._grouped_bias(values, plan),
+            want = sdpa_mod.explicit(q, k, v, bias, mask, 0.0, inplace=False)
+            got = cpu_mod._grouped_flash(q, k.flip(-2), v.flip(-2), bias_mod.grouped_bias(values, plan),
                                                None if mask is None else mask.flip(-1))
             assert got.shape == want.shape
             assert (got - want).abs().max() <= 1e-5
-        assert attention_mod._grouped_flash(q, k, torch.randn(n, 3, n2, 7), attention_mod._grouped_bias(values, plan),
+        assert cpu_mod._grouped_flash(q, k, torch.randn(n, 3, n2, 7), bias_mod.grouped_bias(values, plan),
                                             None) is None
     full = torch.where(torch.rand(4, n1, n2) < 0.5, 0.0, -100.0)  # random: no region structure
-    assert attention_mod._grouped_flash(q, k, v, attention_mod._grouped_bias(values, plan), full) is None
+    assert cpu_mod._grouped_flash(q, k, v, bias_mod.grouped_bias(values, plan), full) is None
 
 
-@pytest.mark.skipif(attention_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
+@pytest.mark.skipif(cpu_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
 @pytest.mark.parametrize("masked", [False, True])
 def test_eval_beyond_the_bias_budget_takes_the_grouped_kernel(masked, monkeypatch):
     """Eval of large windows (forced: 8x8) whose bias does not fit the cache budget: the
@@ -846,11 +849,11 @@ def test_eval_beyond_the_bias_budget_takes_the_grouped_kernel(masked, monkeypatc
     cached. Also with a shifted-window mask."""
     from grl_plugin.layers.geometry import relative_index, window_mask
     cpu = torch.device("cpu")
-    monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", 1)
-    monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
+    monkeypatch.setattr(bias_mod, "_LARGE_INDEX_MIN", 1)
+    monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
     calls = []
-    real = attention_mod._grouped_flash
-    monkeypatch.setattr(attention_mod, "_grouped_flash", lambda *a: calls.append(1) or real(*a))
+    real = cpu_mod._grouped_flash
+    monkeypatch.setattr(cpu_mod, "_grouped_flash", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(2)
     index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
     mask = window_mask((16, 16), 8, 4, cpu) if masked else None
@@ -872,15 +875,15 @@ def test_eval_beyond_the_bias_budget_takes_the_grouped_kernel(masked, monkeypatc
         calls.clear()
 
 
-@pytest.mark.skipif(attention_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
+@pytest.mark.skipif(cpu_mod._FLASH_CPU is None, reason="needs the fused CPU kernel")
 def test_eval_beyond_the_budget_with_a_mask_that_does_not_factor(monkeypatch):
     """Where the grouped kernel cannot take the mask (it does not factor into q/k columns), the
     eval path (beyond the budget) falls back to bias + mask, with the reference's output; only
     the grouped runs stay cached."""
     from grl_plugin.layers.geometry import relative_index
     cpu = torch.device("cpu")
-    monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", 1)
-    monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
+    monkeypatch.setattr(bias_mod, "_LARGE_INDEX_MIN", 1)
+    monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
     torch.manual_seed(7)
     index, table = relative_index((8, 8), 1, True, cpu), coords_table((8, 8), 1, cpu)
     mask = torch.where(torch.rand(4, 64, 64) < 0.5, 0.0, -100.0)  # random: no region structure
@@ -905,7 +908,7 @@ def test_lean_attention_with_reversed_keys_matches_reference(save_probs, masked,
     from grl_plugin.layers.geometry import coords_table, relative_index, window_mask
     cpu = torch.device("cpu")
     use_lean_backward(monkeypatch, save_probs)
-    monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", 1)
+    monkeypatch.setattr(cpu_mod, "_BACKWARD_BLOCK_BYTES", 1)
     torch.manual_seed(3)
     for window, df, w2a in [((8, 8), 1, True), ((16, 8), 4, True)]:
         t = AffineTransform(2)
@@ -917,7 +920,7 @@ def test_lean_attention_with_reversed_keys_matches_reference(save_probs, masked,
         leaves = [q, k, v] + list(t.parameters())
         grads, kept = [], []
         for minimum in (1, 1 << 30):  # the plan's size threshold: taken, not taken
-            monkeypatch.setattr(attention_mod, "_LARGE_INDEX_MIN", minimum)
+            monkeypatch.setattr(bias_mod, "_LARGE_INDEX_MIN", minimum)
             saved = []
             with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x,
                                                           lambda x: x):
@@ -1100,7 +1103,7 @@ def test_lean_attention_keeps_the_output_only_when_it_recomputes_probabilities(s
     recomputed), it takes that row term from P * dP and the output is not kept. Gradients
     equal autograd's through the reference path in every mode."""
     use_lean_backward(monkeypatch, save_probs)
-    monkeypatch.setattr(attention_mod, "_keep_probs", lambda *a: save_probs is True)
+    monkeypatch.setattr(cpu_mod, "_keep_probs", lambda *a: save_probs is True)
     t, table, index, mask, (q, k, v) = _attention_inputs(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.untyped_storage().data_ptr()) or x,
@@ -1124,18 +1127,18 @@ def test_lean_attention_backward_in_row_blocks_matches_reference(save_probs, col
     kept P): gradients equal the reference's in every mode, with the region mask added per
     block or entering as extra q/k columns, and with only some inputs needing a gradient."""
     use_lean_backward(monkeypatch, save_probs)
-    monkeypatch.setattr(attention_mod, "_keep_probs", lambda *a: save_probs is True)
-    monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", 1)
+    monkeypatch.setattr(cpu_mod, "_keep_probs", lambda *a: save_probs is True)
+    monkeypatch.setattr(cpu_mod, "_BACKWARD_BLOCK_BYTES", 1)
     if columns:
-        monkeypatch.setattr(attention_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
-        monkeypatch.setattr(attention_mod, "_mask_columns", _real_mask_factors_for_random_mask)
+        monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
+        monkeypatch.setattr(sdpa_mod, "mask_columns", _real_mask_factors_for_random_mask)
     blocks = []
-    real = attention_mod._logits_block
-    monkeypatch.setattr(attention_mod, "_logits_block",
+    real = cpu_mod._logits_block
+    monkeypatch.setattr(cpu_mod, "_logits_block",
                         lambda *a: (blocks.append((a[0].shape[0], a[-1])), real(*a))[1])
     t, table, index, mask, (q, k, v) = _attention_inputs(True, n1=72, n2=24)
-    assert attention_mod._block_rows(2 * 24 * 4, 72) == 16
-    assert attention_mod._backward_blocks(q.shape[0], 2 * 24 * 4, 72, 16, 3) == (1, 16)
+    assert cpu_mod._block_rows(2 * 24 * 4, 72) == 16
+    assert cpu_mod._backward_blocks(q.shape[0], 2 * 24 * 4, 72, 16, 3) == (1, 16)
     params = list(t.parameters())
     for leaves in ([q, k, v] + params, [k] + params, [q, v]):
         out = cosine_attention(q, k, v, t, table, index, mask)
@@ -1155,8 +1158,8 @@ def test_backward_blocks_of_whole_windows():
     blocks are whole windows (all rows: no product split into row blocks), as many per block
     as the budget allows, evenly; with a region mask added per window, a divisor or multiple
     of the mask's window count; a window larger than the budget alone goes in row blocks."""
-    blocks = attention_mod._backward_blocks
-    budget = attention_mod._BACKWARD_BLOCK_BYTES
+    blocks = cpu_mod._backward_blocks
+    budget = cpu_mod._BACKWARD_BLOCK_BYTES
     row = 2 * 1024 * 4  # GRL-S: 2 heads, 32x32 windows: 8 MiB per window
     assert blocks(1, row, 1024) == (1, 1024)
     assert blocks(4, row, 1024) == (1, 1024)  # 64x64 input: 4 windows of 8 MiB
@@ -1182,20 +1185,20 @@ def test_lean_attention_backward_in_window_blocks_matches_reference(masked, save
     needs no mask), and the gradients (q, k, v and the bias MLP's, summed over the blocks)
     equal the reference's."""
     use_lean_backward(monkeypatch, save_probs)
-    monkeypatch.setattr(attention_mod, "_keep_probs", lambda *a: save_probs)
+    monkeypatch.setattr(cpu_mod, "_keep_probs", lambda *a: save_probs)
     t, table, index, mask, (q, k, v) = _attention_inputs(masked, n1=72, n2=24)
     window = 2 * 24 * 4 * 72
     blocks = []
-    real = attention_mod._logits_block
-    monkeypatch.setattr(attention_mod, "_logits_block",
+    real = cpu_mod._logits_block
+    monkeypatch.setattr(cpu_mod, "_logits_block",
                         lambda *a: (blocks.append((a[0].shape[0], a[-1])), real(*a))[1])
     chosen = []
-    real_blocks = attention_mod._backward_blocks
-    monkeypatch.setattr(attention_mod, "_backward_blocks",
+    real_blocks = cpu_mod._backward_blocks
+    monkeypatch.setattr(cpu_mod, "_backward_blocks",
                         lambda *a: (chosen.append(real_blocks(*a)), chosen[-1])[1])
     leaves = [q, k, v] + list(t.parameters())
     for budget, per_block in [(2 * window, 1 if masked and not save_probs else 2), (3 * window, 3)]:
-        monkeypatch.setattr(attention_mod, "_BACKWARD_BLOCK_BYTES", budget)
+        monkeypatch.setattr(cpu_mod, "_BACKWARD_BLOCK_BYTES", budget)
         out = cosine_attention(q, k, v, t, table, index, mask)
         blocks.clear()
         chosen.clear()
