@@ -181,6 +181,8 @@ def test_bad_paths_one_line(kit, tmp_path, capsys, calls):
     assert f'--output {inside}' in line and 'inside the --input folder' in line
     line = _one_error(*run(base + ['--input', kit['lr'], '--output', kit['hr'], '--gt', kit['hr']], capsys)[::2])
     assert f'--output {kit["hr"]}' in line and 'is the --gt folder' in line
+    line = _one_error(*run(['--checkpoint', tmp_path, '--input', kit['lr'], '--output', tmp_path / 'o'], capsys)[::2])
+    assert f'--checkpoint {tmp_path}' in line and 'is a folder' in line
     assert not inside.exists() and not (tmp_path / 'o').exists() and calls.n == 0
     assert sorted(p.name for p in kit['lr'].iterdir()) == [f'{n}.png' for n in NAMES]
     assert sorted(p.name for p in kit['hr'].iterdir()) == [f'{n}.png' for n in NAMES]

@@ -166,6 +166,9 @@ def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
         raise InferError(f'--scale {args.scale}: must be a positive integer (the super-resolution factor)')
     if args.task is None and (args.size or args.scale or args.gray):
         raise InferError('--size, --scale and --gray go with --task')
+    if Path(args.checkpoint).is_dir():
+        raise InferError(f'--checkpoint {args.checkpoint}: is a folder; give the weights file in it '
+                         '(.ckpt, .pth or .safetensors) or the name of a released model')
     opt: dict = {}
     try:
         with warnings.catch_warnings(record=True) as caught:
