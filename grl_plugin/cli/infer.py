@@ -566,9 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
                         '(demosaicking models)')
     g = p.add_argument_group('running')
     g.add_argument('--tile', type=int, default=None,
-                   help='tile side in input pixels, rounded up to the padding multiple; 0: whole image '
-                        '(default: val.tile of --opt, else 256)')
-    g.add_argument('--overlap', type=int, default=None, help='overlap of neighbouring tiles (default 32)')
+                   help='tile side in input pixels, at least the model\'s padding multiple and rounded up to '
+                        'a multiple of it; 0: whole image (default: val.tile of --opt, else 256)')
+    g.add_argument('--overlap', type=int, default=None,
+                   help='overlap of neighbouring tiles in input pixels, 0 to --tile - 1 (default 32)')
     g.add_argument('--blend', choices=('linear', 'uniform'), default=None,
                    help='linear ramps across overlaps (default) or plain average (official)')
     g.add_argument('--ensemble', action='store_true',
