@@ -365,6 +365,11 @@ def test_write_atomic(tmp_path, monkeypatch):
     def broken(src, dst):
         raise Stop
 
+    long = tmp_path / ('n' * 250 + '.png')  # no room for the usual temporary name
+    common.write_atomic(long, b'long')
+    assert long.read_bytes() == b'long'
+    long.unlink()
+
     monkeypatch.setattr(common.os, 'replace', broken)
     with pytest.raises(Stop):
         common.write_atomic(dst, b'never')

@@ -14,6 +14,7 @@ import argparse
 import functools
 import os
 import sys
+import zlib
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -65,6 +66,8 @@ def write_atomic(dst: Union[str, Path], data: bytes) -> Path:
     """
     dst = Path(dst)
     tmp = dst.with_name(f'.{dst.name}.{os.getpid()}{TEMP_MARK}')
+    if len(os.fsencode(tmp.name)) > 255:  # a long final name: a short temporary one (file names <= 255 bytes)
+        tmp = dst.with_name(f'.tmp-{zlib.crc32(os.fsencode(dst.name)):08x}.{os.getpid()}{TEMP_MARK}')
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_BINARY', 0), 0o666)
     try:
         try:
