@@ -364,7 +364,7 @@ class Restorer:
             else:  # mean of the 8 outputs, each turned back to the input's orientation
                 y = None
                 for k in ENSEMBLE:
-                    yk = untransform(self._tiled(transform(x, k)), k).float()
+                    yk = untransform(self._tiled(transform(x, k).contiguous()), k).float()
                     y = yk if y is None else y + yk
                 y = y / len(ENSEMBLE)
         return y[0].clamp_(0, 1).permute(1, 2, 0).cpu().numpy()
