@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import yaml
 
 from grl_plugin.archs.checkpoint import GRL_KWARGS, CheckpointError, _one_line, check_fit, save_converted
+from grl_plugin.cli.common import exits_on_interrupt
 from grl_plugin.cli.zoo import open_checkpoint
 
 
@@ -92,6 +93,7 @@ def convert(args: argparse.Namespace) -> str:
     return '\n'.join(lines)
 
 
+@exits_on_interrupt('grl-convert')
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:

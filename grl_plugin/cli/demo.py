@@ -40,6 +40,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
+from grl_plugin.cli.common import exits_on_interrupt
+
 TRAIN_OPT = 'train_grl_t_denoise_c25.yml'
 TEST_OPT = 'test_grl_t_denoise_c25.yml'
 
@@ -366,6 +368,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@exits_on_interrupt('grl-demo')
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     t_all = time.perf_counter()

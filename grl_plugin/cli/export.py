@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from grl_plugin.cli.common import exits_on_interrupt
 from grl_plugin.cli.infer import InferError, _one_line, add_model_arguments, load_model
 
 TOLERANCE = 1e-3
@@ -114,6 +115,7 @@ def export(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+@exits_on_interrupt('grl-export')
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:

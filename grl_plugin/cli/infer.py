@@ -14,8 +14,17 @@ the model's padding multiple, overlapping tiles blended) and written as ``<stem>
 3-channel model replicated and come back gray; an alpha channel is kept (resized bicubically for
 super-resolution). Denoising, JPEG and deblurring models take the degraded image as it is;
 demosaicking models take the 3-channel Malvar-interpolated image (``--bayer`` makes it from a
-1-channel mosaic). Unreadable images are reported and skipped (exit status 1); every other
-error is one line ``grl-infer: error: ...`` with exit status 2.
+1-channel mosaic). ``--ensemble`` averages the x8 self-ensemble (the 8 flips/rotations of the
+input, each restored and turned back).
+
+Each output is written under a temporary name in its folder and renamed into place as soon as
+it is done, and ``metrics.csv`` (``--compare``/``--gt``) gets each image's row as it finishes
+(one complete line per write), so an interrupted run leaves only complete files; with
+``--skip-existing`` a rerun restores only the images whose output is missing (the rows of the
+others are computed again from their outputs). Unreadable images are reported and skipped
+(exit status 1); Ctrl-C ends the run with one line ``grl-infer: interrupted ...`` (exit status
+130); every other error, a bad argument included, is one line ``grl-infer: error: ...`` naming
+the option or file, with exit status 2.
 
 ``grl_plugin.cli.export`` (grl-export) reuses :func:`add_model_arguments` / :func:`load_model`.
 """
@@ -23,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import os
 import sys
 import time
 import warnings
@@ -30,6 +41,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from grl_plugin.cli.common import ArgumentParser, Interrupted, exits_on_interrupt, write_atomic
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm')
 #: Keys of the task table that the size preset (T/S/B) decides; weights decide them too.
@@ -149,8 +162,13 @@ def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
     from grl_plugin.cli.convert import _check_fit
     from grl_plugin.cli.zoo import open_checkpoint
 
+    if args.scale is not None and args.scale < 1:
+        raise InferError(f'--scale {args.scale}: must be a positive integer (the super-resolution factor)')
     if args.task is None and (args.size or args.scale or args.gray):
         raise InferError('--size, --scale and --gray go with --task')
+    if Path(args.checkpoint).is_dir():
+        raise InferError(f'--checkpoint {args.checkpoint}: is a folder; give the weights file in it '
+                         '(.ckpt, .pth or .safetensors) or the name of a released model')
     opt: dict = {}
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -295,16 +313,40 @@ def _metrics(out: np.ndarray, ref: np.ndarray, crop: int) -> Tuple[float, float]
 
 
 # ------------------------------------------------------------------------------------ running
-class Restorer:
-    """Model + device + precision + tiling; ``restore(img)`` maps a float HxWxC image to the output."""
+#: The x8 self-ensemble: transform ``k`` (0..7) flips left-right when ``k & 4``, then turns the
+#: image ``k & 3`` quarter turns; :func:`untransform` undoes it on the output.
+ENSEMBLE = tuple(range(8))
 
-    def __init__(self, model, device: str, precision: str, tile: Optional[int], overlap: int, blend: str):
+
+def transform(x, k: int):
+    """Dihedral transform ``k`` of an (..., H, W) tensor: optional left-right flip, then rotation."""
+    import torch
+    if k & 4:
+        x = torch.flip(x, dims=(-1, ))
+    return torch.rot90(x, k & 3, dims=(-2, -1)) if k & 3 else x
+
+
+def untransform(y, k: int):
+    """Inverse of :func:`transform`: rotation undone first, then the flip."""
+    import torch
+    if k & 3:
+        y = torch.rot90(y, -(k & 3), dims=(-2, -1))
+    return torch.flip(y, dims=(-1, )) if k & 4 else y
+
+
+class Restorer:
+    """Model + device + precision + tiling (+ x8 self-ensemble); ``restore(img)`` maps a float
+    HxWxC image to the output."""
+
+    def __init__(self, model, device: str, precision: str, tile: Optional[int], overlap: int, blend: str,
+                 ensemble: bool = False):
         import torch
         self.torch = torch
         self.model = model.to(device)
         self.device = torch.device(device)
         self.dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
         self.tile, self.overlap, self.blend = tile, overlap, blend
+        self.ensemble = ensemble
         self.scale = int(model.upscale)
 
     def _fn(self, x):
@@ -312,16 +354,25 @@ class Restorer:
 
     def restore(self, img: np.ndarray) -> np.ndarray:
         import contextlib
-
-        from grl_plugin.tiling import tiled_forward
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None].to(self.device)
         autocast = (torch.autocast(device_type=self.device.type, dtype=self.dtype) if self.dtype is not None
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
-            y = tiled_forward(self._fn, x, self.tile, self.overlap, scale=self.scale,
-                              multiple=self.model.pad_size, blend=self.blend)
-        return y[0].float().clamp_(0, 1).permute(1, 2, 0).cpu().numpy()
+            if not self.ensemble:
+                y = self._tiled(x).float()
+            else:  # mean of the 8 outputs, each turned back to the input's orientation
+                y = None
+                for k in ENSEMBLE:
+                    yk = untransform(self._tiled(transform(x, k).contiguous()), k).float()
+                    y = yk if y is None else y + yk
+                y = y / len(ENSEMBLE)
+        return y[0].clamp_(0, 1).permute(1, 2, 0).cpu().numpy()
+
+    def _tiled(self, x):
+        from grl_plugin.tiling import tiled_forward
+        return tiled_forward(self._fn, x, self.tile, self.overlap, scale=self.scale,
+                             multiple=getattr(self.model, 'pad_size', 1), blend=self.blend)
 
     def sync(self) -> None:
         if self.device.type == 'cuda':
@@ -349,11 +400,10 @@ def _check_precision(precision: str, device: str) -> None:
         raise InferError('--precision bf16: this GPU does not support bfloat16; use fp16 or fp32')
 
 
-def process_one(restorer: Restorer, path: Path, rel: Path, args, model_channels: int) -> dict:
-    """Restore ``path``; write the output (and the comparison picture). Returns a CSV row."""
+def model_input(path: Path, args, model_channels: int) -> Tuple[np.ndarray, Optional[np.ndarray], int, bool]:
+    """(the image as the model sees it, alpha, bit depth, whether the output is gray) of ``path``."""
     import cv2
     img, alpha, bits = read_image(path)
-    scale = restorer.scale
     if args.bayer:
         from grl_plugin.data.demosaic_dataset import malvar_demosaic
         if img.shape[2] != 1:
@@ -367,6 +417,57 @@ def process_one(restorer: Restorer, path: Path, rel: Path, args, model_channels:
         img = np.repeat(img, 3, axis=2)
     elif model_channels != img.shape[2]:
         raise ValueError(f'the model takes {model_channels} channels, the image has {img.shape[2]}')
+    return img, alpha, bits, gray_out
+
+
+def output_path(args, rel: Path) -> Path:
+    return Path(args.output) / rel.parent / f'{rel.stem}{args.suffix}.png'
+
+
+def write_png(dst: Path, img: np.ndarray) -> None:
+    """``img`` (cv2 layout) as PNG at ``dst``, atomically (:func:`grl_plugin.cli.common.write_atomic`)."""
+    import cv2
+    ok, buf = cv2.imencode('.png', img)
+    if not ok:
+        raise OSError(f'could not encode {dst} as PNG')
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(dst, buf.tobytes())
+
+
+def _existing_output(dst: Path, src: np.ndarray, scale: int, gray_out: bool) -> Optional[np.ndarray]:
+    """The output already at ``dst`` (float [0, 1], as written) if it is a readable image of the
+    size this model gives ``src``; else None (with a warning when the file is there but unusable)."""
+    if not dst.is_file():
+        return None
+    try:
+        out, _, _ = read_image(dst)
+    except ValueError as err:
+        _warn(f'--skip-existing: {dst}: {_one_line(err)}; restoring it again')
+        return None
+    want = (src.shape[0] * scale, src.shape[1] * scale)
+    if out.shape[:2] != want:
+        _warn(f'--skip-existing: {dst} is {out.shape[1]}x{out.shape[0]}, this model gives {want[1]}x{want[0]}; '
+              'restoring it again')
+        return None
+    if gray_out and out.shape[2] == 3:
+        out = out[..., :1]  # a gray output with alpha is stored as equal B, G, R
+    return out
+
+
+def process_one(restorer: Restorer, path: Path, rel: Path, args, model_channels: int,
+                skip_existing: bool = False) -> Tuple[dict, bool]:
+    """Restore ``path``; write the output (and the comparison picture). Returns (CSV row, whether the
+    model ran): with ``skip_existing``, a usable output already there is kept (and compared)."""
+    import cv2
+    img, alpha, bits, gray_out = model_input(path, args, model_channels)
+    scale = restorer.scale
+    dst = output_path(args, rel)
+    row: Dict[str, Any] = {'name': rel.with_suffix('').as_posix(), 'seconds': ''}
+    kept = _existing_output(dst, img, scale, gray_out) if skip_existing else None
+    if kept is not None:
+        if args.compare:
+            _compare(row, img, kept, rel, scale, args)
+        return row, False
     t0 = time.perf_counter()
     out = restorer.restore(img)
     restorer.sync()
@@ -376,15 +477,12 @@ def process_one(restorer: Restorer, path: Path, rel: Path, args, model_channels:
     q = quantize(out, bits)
     if alpha is not None and scale != 1:
         alpha = cv2.resize(alpha, (q.shape[1], q.shape[0]), interpolation=cv2.INTER_CUBIC)
-    dst = Path(args.output) / rel.parent / f'{rel.stem}{args.suffix}.png'
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(dst), to_file_layout(q, alpha)):
-        raise OSError(f'could not write {dst}')
-    row: Dict[str, Any] = {'name': rel.with_suffix('').as_posix(), 'seconds': f'{seconds:.3f}'}
+    write_png(dst, to_file_layout(q, alpha))
+    row['seconds'] = f'{seconds:.3f}'
     if args.compare:
         # the input as the model saw it (Malvar-interpolated, gray-converted or replicated)
         _compare(row, img, q.astype(np.float32) / (255.0 if bits == 8 else 65535.0), rel, scale, args)
-    return row
+    return row, True
 
 
 def _compare(row: dict, src: np.ndarray, out: np.ndarray, rel: Path, scale: int, args) -> None:
@@ -433,10 +531,7 @@ def _compare(row: dict, src: np.ndarray, out: np.ndarray, rel: Path, scale: int,
     parts = [panels[0]]
     for p in panels[1:]:
         parts += [sep, p]
-    dst = Path(args.output) / 'compare' / rel.parent / f'{rel.stem}.png'
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(dst), np.concatenate(parts, axis=1)):
-        raise OSError(f'could not write {dst}')
+    write_png(Path(args.output) / 'compare' / rel.parent / f'{rel.stem}.png', np.concatenate(parts, axis=1))
 
 
 def _warn(msg: str) -> None:
@@ -446,7 +541,7 @@ def _warn(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog='grl-infer', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Restore an image or a folder of images with a GRL checkpoint (tiled, any size).',
         epilog='examples:\n'
@@ -454,23 +549,32 @@ def build_parser() -> argparse.ArgumentParser:
         '  grl-infer --list-models\n'
         '  grl-infer --checkpoint net_g.pth --task dn --size T --input noisy.png --output out/ --tile 256\n'
         '  grl-infer --checkpoint net_g.pth --opt options/test/sr/test_GRL_T_SRx2.yml --input lr/ \\\n'
-        '      --output out/ --compare --gt hr/')
+        '      --output out/ --compare --gt hr/\n'
+        '  grl-infer --checkpoint net_g.pth --task sr --input lr/ --output out/ --skip-existing  (go on after Ctrl-C)\n'
+        '  grl-infer --checkpoint sr_grl_tiny_c3x4 --input lr/ --output out/ --ensemble  (x8 self-ensemble)')
     add_model_arguments(p)
     g = p.add_argument_group('images')
     g.add_argument('--input', required=True, metavar='IMG_OR_FOLDER', help='an image or a folder of images')
     g.add_argument('--output', required=True, metavar='DIR', help='folder for <stem><suffix>.png')
     g.add_argument('--recursive', action='store_true', help='also restore images in subfolders (layout mirrored)')
     g.add_argument('--suffix', default='_grl', help='output file name suffix (default _grl)')
+    g.add_argument('--skip-existing', action='store_true',
+                   help='keep outputs that are already there (a run stopped by Ctrl-C goes on where it ended); '
+                        'their metrics.csv rows are computed again from the kept files')
     g.add_argument('--bayer', nargs='?', const='RGGB', choices=('RGGB', 'BGGR', 'GRBG', 'GBRG'), metavar='PATTERN',
                    help='inputs are 1-channel Bayer mosaics (default RGGB): Malvar-interpolate them first '
                         '(demosaicking models)')
     g = p.add_argument_group('running')
     g.add_argument('--tile', type=int, default=None,
-                   help='tile side in input pixels, rounded up to the padding multiple; 0: whole image '
-                        '(default: val.tile of --opt, else 256)')
-    g.add_argument('--overlap', type=int, default=None, help='overlap of neighbouring tiles (default 32)')
+                   help='tile side in input pixels, at least the model\'s padding multiple and rounded up to '
+                        'a multiple of it; 0: whole image (default: val.tile of --opt, else 256)')
+    g.add_argument('--overlap', type=int, default=None,
+                   help='overlap of neighbouring tiles in input pixels, 0 to --tile - 1 (default 32)')
     g.add_argument('--blend', choices=('linear', 'uniform'), default=None,
                    help='linear ramps across overlaps (default) or plain average (official)')
+    g.add_argument('--ensemble', action='store_true',
+                   help='x8 self-ensemble: restore the 8 flips/rotations of each image, turn the outputs back '
+                        'and average them (8 times slower)')
     g.add_argument('--device', default='auto', help='auto (CUDA when available), cpu, cuda or cuda:N')
     g.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'), default='fp32',
                    help='autocast precision (fp16: CUDA only)')
@@ -482,28 +586,127 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tile_settings(args, opt: dict) -> Tuple[Optional[int], int, str]:
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse values that are wrong whatever the model, before anything is loaded or written.
+
+    Raises :class:`InferError` (one line naming the option and the value).
+    """
+    if args.tile is not None and args.tile < 0:
+        raise InferError(f'--tile {args.tile}: must be 0 (whole images) or a positive tile side in pixels')
+    if args.overlap is not None and args.overlap < 0:
+        raise InferError(f'--overlap {args.overlap}: must be 0 or more pixels')
+    if args.tile and args.overlap is not None and args.overlap >= args.tile:
+        raise InferError(f'--overlap {args.overlap}: must be smaller than --tile {args.tile}')
+    if args.scale is not None and args.scale < 1:
+        raise InferError(f'--scale {args.scale}: must be a positive integer (the super-resolution factor)')
+    if any(c in args.suffix for c in ('/', '\\', os.sep, '\0')):
+        raise InferError(f'--suffix {args.suffix!r}: must be part of a file name (no folder separators)')
+    src, out = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise InferError(f'--input {src}: no such file or folder')
+    if src.is_file():
+        if src.suffix.lower() not in IMAGE_EXTS:
+            raise InferError(f'--input {src}: not an image file name ({", ".join(IMAGE_EXTS)})')
+    elif not src.is_dir():
+        raise InferError(f'--input {src}: not a file or a folder')
+    if out.exists() and not out.is_dir():
+        raise InferError(f'--output {out}: is a file, not a folder')
+    for parent in out.absolute().parents:  # the nearest existing folder above it
+        if parent.exists():
+            if not parent.is_dir():
+                raise InferError(f'--output {out}: {parent} is a file, not a folder')
+            break
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise InferError(f'--output {out}: folder is not writable')
+    if src.is_dir():
+        if out.resolve() == src.resolve():
+            raise InferError(f'--output {out} is the --input folder: a rerun would restore the restored images; '
+                             'choose another folder')
+        if args.recursive and src.resolve() in out.resolve().parents:
+            raise InferError(f'--output {out} is inside the --input folder {src} and --recursive would restore '
+                             'the restored images on a rerun; choose a folder outside it')
+    if args.gt:
+        gt = Path(args.gt)
+        if not gt.exists():
+            raise InferError(f'--gt {gt}: no such folder')
+        if not gt.is_dir():
+            raise InferError(f'--gt {gt}: not a folder')
+        if gt.resolve() == out.resolve():
+            raise InferError(f'--output {out} is the --gt folder: outputs could replace ground-truth images; '
+                             'choose another folder')
+
+
+def _tile_settings(args, opt: dict, pad: int = 1) -> Tuple[Optional[int], int, str]:
+    """(tile or None for whole images, overlap, blend) from the options, else ``val.tile`` of --opt,
+    else 256 / 32 / linear. A --tile below the model's padding multiple ``pad`` is refused."""
     tile_opt = (opt.get('val') or {}).get('tile') if isinstance(opt.get('val'), dict) else None
     if isinstance(tile_opt, int):
         tile_opt = {'size': tile_opt}
     tile_opt = tile_opt if isinstance(tile_opt, dict) else {}
+    where = f'val.tile of --opt {args.opt}'
+    tile_src = '--tile' if args.tile is not None else (f'{where}: size' if 'size' in tile_opt else 'default tile')
+    overlap_src = '--overlap' if args.overlap is not None else (f'{where}: overlap' if 'overlap' in tile_opt
+                                                                else 'default overlap')
     tile = args.tile if args.tile is not None else tile_opt.get('size', 256)
     overlap = args.overlap if args.overlap is not None else tile_opt.get('overlap', 32)
     blend = args.blend or tile_opt.get('blend', 'linear')
-    if tile and tile > 0:
-        if overlap < 0 or overlap >= tile:
-            raise InferError(f'--overlap {overlap} must be in [0, --tile {tile})')
-    else:
-        tile, overlap = None, 0
+    if not isinstance(tile, int) or tile < 0:
+        raise InferError(f'{tile_src} {tile}: must be 0 (whole images) or a positive tile side in pixels')
+    if not tile:
+        return None, 0, blend
+    if args.tile is not None and tile < pad:
+        raise InferError(f"--tile {tile}: smaller than the model's padding multiple {pad} (tiles are rounded up "
+                         f'to it); use 0 for whole images or a tile of at least {pad}')
+    if not isinstance(overlap, int) or not 0 <= overlap < tile:
+        raise InferError(f'{overlap_src} {overlap}: must be in [0, {tile_src} {tile})')
     return tile, overlap, blend
+
+
+def _read_seconds(path: Path) -> Dict[str, str]:
+    """name -> seconds of the rows of an earlier metrics.csv (for the outputs --skip-existing keeps)."""
+    try:
+        with open(path, newline='', encoding='utf-8') as f:
+            return {r['name']: r.get('seconds') or '' for r in csv.DictReader(f) if r.get('name')}
+    except (OSError, ValueError, csv.Error, KeyError):
+        return {}
+
+
+class MetricsWriter:
+    """``metrics.csv``: the header at once, then each row as the image finishes, appended in one
+    ``write`` of a whole line (an interrupt leaves complete rows only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = -1
+        write_atomic(path, self._line(None))
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, 'O_BINARY', 0))
+
+    @staticmethod
+    def _line(row: Optional[dict]) -> bytes:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, restval='')
+        if row is None:
+            writer.writeheader()
+        else:
+            writer.writerow(row)
+        return buf.getvalue().encode('utf-8')
+
+    def add(self, row: dict) -> None:
+        data = memoryview(self._line(row))
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     args.compare = args.compare or bool(args.gt)
-    if args.gt and not Path(args.gt).is_dir():
-        raise InferError(f'--gt {args.gt}: no such folder')
+    check_arguments(args)
     files = list_inputs(Path(args.input), args.recursive)
     targets: Dict[Path, Path] = {}
     for path, rel in files:
@@ -520,32 +723,48 @@ def run(args: argparse.Namespace) -> int:
     if model.in_channels not in (1, 3):
         raise InferError(f'the model takes {model.in_channels} input channels; grl-infer handles 1- and '
                          '3-channel models (dual-pixel models need both views: use grl-test)')
-    tile, overlap, blend = _tile_settings(args, opt)
+    tile, overlap, blend = _tile_settings(args, opt, model.pad_size)
     try:
-        restorer = Restorer(model, device, args.precision, tile, overlap, blend)
+        restorer = Restorer(model, device, args.precision, tile, overlap, blend, ensemble=args.ensemble)
     except RuntimeError as err:  # e.g. cuda:7 on a one-GPU machine, or an unknown device name
         raise InferError(f'--device {args.device}: {_one_line(err)}') from None
-    Path(args.output).mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
     print(f'grl-infer: GRL x{model.upscale} ({model.in_channels} channels, window {model.window_size}, '
           f'stripes {model.stripe_size}, padding multiple {model.pad_size}) on {device} {args.precision}, '
           + (f'tiles {-(-tile // model.pad_size) * model.pad_size} overlap {overlap} {blend}' if tile
-             else 'whole images'), file=sys.stderr)
-    rows, failed = [], []
+             else 'whole images') + (', x8 self-ensemble' if args.ensemble else ''), file=sys.stderr)
+    earlier = _read_seconds(out_dir / 'metrics.csv') if args.compare and args.skip_existing else {}
+    metrics = MetricsWriter(out_dir / 'metrics.csv') if args.compare else None
+    rows, failed, restored = [], [], 0
     t0 = time.perf_counter()
-    for path, rel in tqdm(files, desc='grl-infer', unit='img', file=sys.stderr, disable=args.quiet,
-                          dynamic_ncols=True):
-        try:
-            rows.append(process_one(restorer, path, rel, args, model.in_channels))
-        except (ValueError, OSError, RuntimeError) as err:  # this image only (corrupt, unsupported, OOM)
-            failed.append(path)
-            _warn(f'skipped {path}: {_one_line(err)}')
-    if args.compare:
-        with open(Path(args.output) / 'metrics.csv', 'w', newline='', encoding='utf-8') as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval='')
-            writer.writeheader()
-            writer.writerows(rows)
-    print(f'grl-infer: restored {len(rows)} of {len(files)} image(s) into {args.output} '
-          f'in {time.perf_counter() - t0:.1f}s', file=sys.stderr)
+    try:
+        with tqdm(files, desc='grl-infer', unit='img', file=sys.stderr, disable=args.quiet,
+                  dynamic_ncols=True) as bar:
+            for path, rel in bar:
+                try:
+                    row, ran = process_one(restorer, path, rel, args, model.in_channels, args.skip_existing)
+                except (ValueError, OSError, RuntimeError) as err:  # this image only (corrupt, unsupported, OOM)
+                    failed.append(path)
+                    _warn(f'skipped {path}: {_one_line(err)}')
+                    continue
+                restored += ran
+                if not ran:
+                    row['seconds'] = earlier.get(row['name'], '')
+                rows.append(row)
+                if metrics is not None:
+                    metrics.add(row)
+    except KeyboardInterrupt:
+        done = len(rows) + len(failed)
+        raise Interrupted(f'after {done} of {len(files)} image(s) ({len(rows)} in {args.output}); '
+                          'rerun with --skip-existing to go on') from None
+    finally:
+        if metrics is not None:
+            metrics.close()
+    kept = len(rows) - restored
+    print(f'grl-infer: restored {restored} of {len(files)} image(s) into {args.output} '
+          f'in {time.perf_counter() - t0:.1f}s' + (f' ({kept} already there, kept)' if kept else ''),
+          file=sys.stderr)
     scored = [r for r in rows if r.get('psnr') not in (None, '')]
     if scored:
         mean = {k: float(np.mean([float(r[k]) for r in scored])) for k in ('psnr', 'ssim', 'input_psnr', 'input_ssim')}
@@ -559,12 +778,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _os_error(err: OSError) -> str:
+    """``<file>: <reason>`` of an OSError (instead of ``[Errno N] ...``)."""
+    if err.strerror and err.filename is not None:
+        return f'{err.filename}: {err.strerror}'
+    return err.strerror or _one_line(err)
+
+
+@exits_on_interrupt('grl-infer')
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (InferError, OSError) as err:
+    except InferError as err:
         print(f'grl-infer: error: {_one_line(err)}', file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f'grl-infer: error: {" ".join(_os_error(err).split())}', file=sys.stderr)
         return 2
 
 

@@ -57,6 +57,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from grl_plugin.cli.common import exits_on_interrupt
+
 PROG = 'grl-prepare'
 TASKS = ('sr', 'dn', 'jpeg', 'dm', 'db_motion', 'db_defocus')
 PAIRED_TASKS = ('db_motion', 'db_defocus')  # --lq required
@@ -1084,6 +1086,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@exits_on_interrupt(PROG)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``grl-prepare``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from grl_plugin.archs.checkpoint import CheckpointError, load_checkpoint
+from grl_plugin.cli.common import exits_on_interrupt
 
 __all__ = ['RELEASE_URL', 'RELEASE_PAGE', 'RELEASES', 'Release', 'ZooError', 'cache_dir', 'release_url',
            'find_release', 'suggest', 'fetch', 'resolve_checkpoint', 'check_release', 'open_checkpoint',
@@ -402,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_on_interrupt('grl-zoo')
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
