@@ -162,7 +162,11 @@ def test_option_file_errors_in_process(prog, tmp_path, capsys, monkeypatch):
     check(['-opt', str(scalar)], 'mapping')
     partial = tmp_path / 'partial.yml'
     partial.write_text('name: x\nnum_gpu: 0\n')
-    check(['-opt', str(partial)], 'lacks required option(s): path, datasets')
+    rc = main(['-opt', str(partial)])  # one line per missing key (grl_plugin.cli.validate)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and all(line.startswith(f'{name}: error: {partial}: ') for line in lines), lines
+    assert any(line.endswith("path=<missing>: missing: BasicSR's " + prog + ' pipeline reads it') for line in lines)
+    assert any('datasets=<missing>: missing' in line for line in lines)
     check(['-opt', str(partial), '--root'], '--root', 'expected one argument')
     check(['-opt', 'missing.yml', '--bogus'], 'unrecognized arguments: --bogus')
     check(['-opt', 'missing.yml', '--launcher', 'mpi'], '--launcher', 'invalid choice')
