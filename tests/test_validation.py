@@ -643,3 +643,50 @@ def test_number_text_helpers():
     assert _number_text('2e-4') == 2e-4 and _number_text('300k') == 300000 and _number_text('1M') == 1e6
     assert _number_text('two') is None and _number_text('') is None
     assert _float_spelling('2e-4') == '2.0e-4' and _float_spelling('1.5e3') == '1.5e3'
+
+
+# -------------------------------------------------------- non-GRL network vs scale (hybrid arch)
+EDSR_X2 = dict(type='EDSR', num_in_ch=3, num_out_ch=3, num_feat=16, num_block=2, upscale=2)
+INSERTED = dict(type='GRLInserted', backbone=EDSR_X2,
+                insert=[dict(after='body.1', depth=2, window_size=8, stripe_size=[16, 16],
+                             anchor_window_down_factor=2)])
+
+
+@pytest.mark.parametrize('extra', [(), ('--dry-run', )], ids=['run', 'dry-run'])
+def test_grl_inserted_x2_in_a_scale_1_file(tmp_path, capsys, data, extra):
+    """The README's hybrid: an EDSR x2 backbone in a denoising (scale 1) file used to pass
+    --dry-run and stop at iteration 1 with a tensor-size traceback."""
+    line = bad(tmp_path, capsys, data, top(network_g=INSERTED), kind='dn', extra=extra)
+    assert line.endswith("network_g.backbone.upscale=2: network_g (GRLInserted) outputs 64x64 for a 32x32 input "
+                         "(x2) but the option file's scale is 1: make them equal")
+
+
+def test_grl_unet_in_a_scale_2_file(tmp_path, capsys, data):
+    net = dict(type='GRLUNet', in_channels=3, levels=[dict(dim=16, depth=1, grl=False),
+                                                      dict(dim=16, depth=1, grl=True, window_size=4,
+                                                           stripe_size=[8, 8], anchor_window_down_factor=2)])
+    line = bad(tmp_path, capsys, data, top(network_g=net), kind='sr', extra=('--dry-run', ))
+    assert "network_g.type=GRLUNet: network_g (GRLUNet) outputs 32x32 for a 32x32 input (x1) but the option " \
+           "file's scale is 2" in line
+
+
+def test_grl_inserted_at_its_scale_passes_dry_run(tmp_path, capsys, data):
+    path = write(tmp_path, data, 'sr', top(network_g=INSERTED))
+    rc, out, err = run_cli('train', path, tmp_path, capsys, '--dry-run')
+    assert rc == 0 and 'dry run OK' in out and 'error' not in err, err
+
+
+def test_network_probe_keeps_the_rng_and_skips_what_cannot_be_built():
+    import torch
+
+    import grl_plugin  # noqa: F401
+    from grl_plugin.cli import validate
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    problems = validate.check_network_output({'scale': 1, 'network_g': INSERTED})
+    assert torch.equal(torch.rand(3), expected)
+    assert [p.key for p in problems] == ['network_g.backbone.upscale']
+    assert validate.check_network_output({'scale': 2, 'network_g': INSERTED}) == []
+    assert validate.check_network_output({'scale': 1, 'network_g': dict(INSERTED, insert=[])}) == []
+    assert validate.check_network_output({'scale': 1, 'network_g': {'type': 'NoSuchArch'}}) == []

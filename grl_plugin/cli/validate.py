@@ -24,10 +24,13 @@ and ``grl-prepare`` (the option files it writes) call into this module. It repor
 * BasicSR's own fields (:func:`check_basicsr`): the keys its pipelines and models read with
   ``opt[...]`` (missing, or misspelled: named with the key they should be), misspelled optional
   keys, types (numbers that YAML reads as text, e.g. ``lr: 2e-4``, booleans) and ranges of the
-  counts, rates and factors, dataset phases, the scheduler and optimizer sections, a loss.
+  counts, rates and factors, dataset phases, the scheduler and optimizer sections, a loss;
+* a network that is not GRL whose output is not ``scale`` times its input (it is built and run
+  once on a small input, :func:`check_network_output`; only from :func:`validate_file`, when
+  nothing else is wrong).
 
 Every problem is printed as one line ``<prog>: error: <file>: <dotted.key>=<value>: <what>``.
-Nothing here builds a network or reads a dataset.
+Nothing else here builds a network, and nothing reads a dataset.
 """
 from __future__ import annotations
 
@@ -944,6 +947,60 @@ def check_tile(opt: Mapping[str, Any], kwargs: Optional[Mapping[str, Any]]) -> L
     return out
 
 
+# ------------------------------------------------------------------------ network output size
+#: Side of the probe input (a multiple of the network's ``pad_size`` when it has one).
+PROBE_SIDE = 32
+
+
+def _upscale_key(net_opt: Mapping[str, Any]) -> Tuple[str, Any]:
+    """The dotted key that sets the network's scale factor (``upscale`` / ``scale`` of
+    ``network_g`` or of its ``backbone``), for the problem line; ``network_g.type`` otherwise."""
+    for prefix, node in (('network_g', net_opt), ('network_g.backbone', net_opt.get('backbone'))):
+        if isinstance(node, Mapping):
+            for key in ('upscale', 'scale', 'upscale_factor'):
+                if key in node:
+                    return f'{prefix}.{key}', node[key]
+    return 'network_g.type', net_opt.get('type')
+
+
+def check_network_output(opt: Mapping[str, Any]) -> List[Problem]:
+    """Build a non-GRL ``network_g`` (GRLUNet, GRLInserted, BasicSR or user archs: their scale
+    factor is not known from the options) on the CPU and run it once on a small zero input; a
+    problem when the output is not ``scale`` times the input, the tensor-size error the first
+    training iteration (or the first test image) would otherwise stop with. Networks that
+    cannot be built or run here are left to BasicSR. The RNG state is kept."""
+    net_opt, scale = opt.get('network_g'), opt.get('scale')
+    if not isinstance(net_opt, Mapping) or not _is_pos_int(scale) or network_kwargs(net_opt) is not None:
+        return []  # GRL: upscale vs scale is checked from the options (check_scale)
+    import torch
+    from basicsr.utils.registry import ARCH_REGISTRY
+    kwargs = {k: v for k, v in _plain(net_opt).items() if k != 'type'}
+    try:
+        # the class itself, not build_network: that would set up BasicSR's logger before the run
+        # gives it its log file
+        cls = ARCH_REGISTRY.get(net_opt.get('type'))
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            net = cls(**kwargs).eval()
+            conv = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+            if conv is None:
+                return []
+            pad = getattr(net, 'pad_size', None)
+            side = -(-PROBE_SIDE // pad) * pad if _is_pos_int(pad) else PROBE_SIDE
+            out = net(torch.zeros(1, conv.in_channels, side, side))
+    except Exception:  # noqa: BLE001 - BasicSR reports what cannot be built, with its own message
+        return []
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        return []
+    got = tuple(out.shape[-2:])
+    if got == (side * scale, side * scale):
+        return []
+    factor = got[1] / side
+    shown = f'{factor:g}' if got[0] == got[1] else f'{got[0] / side:g} x {factor:g}'
+    key, value = _upscale_key(net_opt)
+    return [Problem(key, value, f'network_g ({net_opt.get("type")}) outputs {got[0]}x{got[1]} for a {side}x{side} '
+                                f'input (x{shown}) but the option file\'s scale is {scale}: make them equal')]
+
+
 # ------------------------------------------------------------------------------------- paths
 def _expand(path: str) -> str:
     return osp.expandvars(osp.expanduser(path))
@@ -1050,12 +1107,15 @@ def validate_file(opt: Mapping[str, Any], mode: str = 'train', force_yml: Option
                   paths: bool = True, auto_resume: bool = False, prog: str = 'grl') -> List[Problem]:
     """:func:`validate_options` of ``opt`` after the ``--force_yml`` overrides.
 
-    A failure of the checks themselves never stops a run: it is reported as a one-line warning
+    When nothing else is wrong, a network that is not GRL is built and probed for its scale
+    factor (:func:`check_network_output`). A failure of the checks themselves never stops a
+    run: it is reported as a one-line warning
     (``<prog>: warning: ...``) and BasicSR's own checks remain.
     """
     try:
         opt, problems = apply_force_yml(opt, force_yml)
-        return problems + validate_options(opt, mode, paths=paths, auto_resume=auto_resume)
+        problems += validate_options(opt, mode, paths=paths, auto_resume=auto_resume)
+        return problems or check_network_output(opt)
     except Exception as err:  # noqa: BLE001 - a bug here must not block a valid run
         text = ' '.join(str(err).split()) or type(err).__name__
         print(f'{prog}: warning: option checks skipped ({type(err).__name__}: {text})', file=sys.stderr)
