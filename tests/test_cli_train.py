@@ -298,3 +298,37 @@ def test_torchrun_two_processes_keep_identical_weights(data, tmp_path):
     saved = torch.load(exp / 'models' / 'net_g_latest.pth')['params']
     assert state_hash(saved) == hashes['latest']
     assert list(cwd.iterdir()) == []
+
+
+# --- -opt / --opt ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('prog', ['train', 'test'])
+@pytest.mark.parametrize('spelling', [['-opt', '{}'], ['--opt', '{}'], ['--opt={}'], ['-opt={}']])
+def test_opt_spellings(prog, spelling, tmp_path, capsys):
+    """BasicSR's -opt and --opt both name the option file (the error names the file read)."""
+    from grl_plugin.cli.train import run
+    path = tmp_path / 'partial.yml'
+    path.write_text('name: x\n', encoding='utf-8')
+    rc = run(prog, [a.format(path) for a in spelling] + ['--root', str(tmp_path / 'root')])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and lines and all(line.startswith(f'grl-{prog}: error: {path}: ') for line in lines), lines
+    assert not (tmp_path / 'root').exists()
+
+
+def test_opt_alias_in_split_args():
+    from grl_plugin.cli.train import UsageError, split_args
+    assert split_args(['--opt', 'a.yml', '--debug'])[2] == ['-opt', 'a.yml', '--debug']
+    assert split_args(['--opt=b.yml'])[2] == ['-opt', 'b.yml']
+    assert split_args(['-opt', 'c.yml'])[2] == ['-opt', 'c.yml']
+    with pytest.raises(UsageError, match='--opt: expected one argument'):
+        split_args(['--opt'])
+
+
+@pytest.mark.parametrize('module', ['infer', 'export'])
+@pytest.mark.parametrize('flag', ['-opt', '--opt'])
+def test_infer_and_export_take_both_opt_spellings(module, flag):
+    import importlib
+    parser = importlib.import_module(f'grl_plugin.cli.{module}').build_parser()
+    extra = ['--input', 'in', '--output', 'out'] if module == 'infer' else ['--output', 'm.onnx']
+    args = parser.parse_args(['--checkpoint', 'w.pth', flag, 'o.yml'] + extra)
+    assert args.opt == 'o.yml' and args.checkpoint == 'w.pth'

@@ -20,7 +20,8 @@ Our own flags (removed before basicsr parses ``sys.argv``):
                      print a summary and exit 0 -- nothing is trained or tested and no folder is
                      created. Exit status 1 if building fails (the error is printed).
 
-BasicSR's flags are passed through: ``-opt FILE`` (required), ``--launcher none|pytorch|slurm``,
+BasicSR's flags are passed through: ``-opt FILE`` (required; ``--opt FILE`` is accepted too and
+passed on as ``-opt``), ``--launcher none|pytorch|slurm``,
 ``--auto_resume``, ``--debug``, ``--local_rank N``, ``--force_yml key:sub=value ...``.
 Errors in the command line or the option file: one line ``grl-train: error: ...`` on stderr,
 exit status 2; so are a checkpoint or training state that cannot be read or does not fit
@@ -46,7 +47,8 @@ _HELP = """usage: {prog} -opt OPTION_FILE [--root DIR] [--import MODULE] [--laun
 {what} with the GRL plugin (BasicSR {pipeline}).
 
 options:
-  -opt OPTION_FILE      BasicSR option YAML (required)
+  -opt OPTION_FILE, --opt OPTION_FILE
+                        BasicSR option YAML (required)
   --root DIR            folder for experiments/, results/, tb_logger/ (default: current directory)
   --import MODULE       import MODULE first, e.g. to register custom components (repeatable)
   --launcher {{none,pytorch,slurm}}
@@ -94,6 +96,8 @@ def split_args(argv: Sequence[str]) -> Tuple[Optional[str], List[str], List[str]
             root = val if eq else value('--root')
         elif name == '--import':
             imports.append(val if eq else value('--import'))
+        elif name == '--opt':  # BasicSR spells it -opt
+            rest += ['-opt', val if eq else value('--opt')]
         elif name == '--local-rank':
             rest.append(f'--local_rank={val if eq else value("--local-rank")}')
         elif arg in ('-h', '--help'):
@@ -115,7 +119,7 @@ def parse_basicsr_args(args: Sequence[str]) -> argparse.Namespace:
     """Check ``args`` against the flags of ``basicsr.utils.options.parse_options`` (same
     definitions), so that mistakes are reported in one line before anything starts."""
     parser = _Parser(add_help=False)
-    parser.add_argument('-opt', type=str, required=True)
+    parser.add_argument('-opt', type=str, required=True)  # (--opt: rewritten by split_args)
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
     parser.add_argument('--auto_resume', action='store_true')
     parser.add_argument('--debug', action='store_true')
