@@ -29,7 +29,8 @@ exit status 2; so are a checkpoint or training state that cannot be read or does
 Before anything starts, the option file (with the ``--force_yml`` overrides) is checked by
 :mod:`grl_plugin.cli.validate` -- unknown keys (with the closest valid one), invalid GRL /
 dataset / tile combinations, missing files (``--dry-run`` lists missing files without failing)
--- one line ``grl-train: error: FILE: KEY=VALUE: what`` per problem.
+-- one line ``grl-train: error: FILE: KEY=VALUE: what`` per problem. Ctrl-C: one line
+``grl-train: interrupted``, exit status 130.
 """
 from __future__ import annotations
 
@@ -170,9 +171,27 @@ def take_dry_run(argv: Sequence[str]) -> Tuple[List[str], bool]:
     return [a for i, a in enumerate(args) if i >= end or a != '--dry-run'], found
 
 
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
+
+
 def run(mode: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Shared body of ``grl-train`` (mode ``'train'``) and ``grl-test`` (mode ``'test'``)."""
+    """Shared body of ``grl-train`` (mode ``'train'``) and ``grl-test`` (mode ``'test'``).
+
+    Ctrl-C (``KeyboardInterrupt``) anywhere -- checks, dry run, training, testing -- ends with
+    one line ``<prog>: interrupted`` and exit status 130, no traceback (checkpoints and
+    training states are written atomically, so the last complete one stays usable).
+    """
     prog = f'grl-{mode}'
+    try:
+        return _run(mode, prog, argv)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(f'{prog}: interrupted', file=sys.stderr, flush=True)
+        return INTERRUPTED
+
+
+def _run(mode: str, prog: str, argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv, dry_run = take_dry_run(argv)
