@@ -98,8 +98,8 @@ def test_export_tile_equal_to_the_stripe_with_shifted_stripes(tmp_path, capsys, 
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(3))
-    session = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
-    y = session.run(None, {'input': x.numpy()})[0]
+    runner = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    y = runner.run(None, {'input': x.numpy()})[0]
     with torch.no_grad():
         ref = model(x).numpy()
     scale = 2 if task == 'sr' else 1
