@@ -162,7 +162,11 @@ def test_option_file_errors_in_process(prog, tmp_path, capsys, monkeypatch):
     check(['-opt', str(scalar)], 'mapping')
     partial = tmp_path / 'partial.yml'
     partial.write_text('name: x\nnum_gpu: 0\n')
-    check(['-opt', str(partial)], 'lacks required option(s): path, datasets')
+    rc = main(['-opt', str(partial)])  # one line per missing key (grl_plugin.cli.validate)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and all(line.startswith(f'{name}: error: {partial}: ') for line in lines), lines
+    assert any(line.endswith("path=<missing>: missing: BasicSR's " + prog + ' pipeline reads it') for line in lines)
+    assert any('datasets=<missing>: missing' in line for line in lines)
     check(['-opt', str(partial), '--root'], '--root', 'expected one argument')
     check(['-opt', 'missing.yml', '--bogus'], 'unrecognized arguments: --bogus')
     check(['-opt', 'missing.yml', '--launcher', 'mpi'], '--launcher', 'invalid choice')
@@ -294,3 +298,99 @@ def test_torchrun_two_processes_keep_identical_weights(data, tmp_path):
     saved = torch.load(exp / 'models' / 'net_g_latest.pth')['params']
     assert state_hash(saved) == hashes['latest']
     assert list(cwd.iterdir()) == []
+
+
+# --- -opt / --opt ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('prog', ['train', 'test'])
+@pytest.mark.parametrize('spelling', [['-opt', '{}'], ['--opt', '{}'], ['--opt={}'], ['-opt={}']])
+def test_opt_spellings(prog, spelling, tmp_path, capsys):
+    """BasicSR's -opt and --opt both name the option file (the error names the file read)."""
+    from grl_plugin.cli.train import run
+    path = tmp_path / 'partial.yml'
+    path.write_text('name: x\n', encoding='utf-8')
+    rc = run(prog, [a.format(path) for a in spelling] + ['--root', str(tmp_path / 'root')])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and lines and all(line.startswith(f'grl-{prog}: error: {path}: ') for line in lines), lines
+    assert not (tmp_path / 'root').exists()
+
+
+def test_opt_alias_in_split_args():
+    from grl_plugin.cli.train import UsageError, split_args
+    assert split_args(['--opt', 'a.yml', '--debug'])[2] == ['-opt', 'a.yml', '--debug']
+    assert split_args(['--opt=b.yml'])[2] == ['-opt', 'b.yml']
+    assert split_args(['-opt', 'c.yml'])[2] == ['-opt', 'c.yml']
+    with pytest.raises(UsageError, match='--opt: expected one argument'):
+        split_args(['--opt'])
+
+
+@pytest.mark.parametrize('module', ['infer', 'export'])
+@pytest.mark.parametrize('flag', ['-opt', '--opt'])
+def test_infer_and_export_take_both_opt_spellings(module, flag):
+    import importlib
+    parser = importlib.import_module(f'grl_plugin.cli.{module}').build_parser()
+    extra = ['--input', 'in', '--output', 'out'] if module == 'infer' else ['--output', 'm.onnx']
+    args = parser.parse_args(['--checkpoint', 'w.pth', flag, 'o.yml'] + extra)
+    assert args.opt == 'o.yml' and args.checkpoint == 'w.pth'
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+_INTERRUPTER = """
+import os
+import signal
+
+from grl_plugin.models.grl_model import GRLModel
+
+_step = GRLModel.optimize_parameters
+
+
+def optimize_parameters(self, current_iter):
+    _step(self, current_iter)
+    if current_iter == 3:  # after the checkpoint of iteration 2
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+GRLModel.optimize_parameters = optimize_parameters
+"""
+
+
+def test_ctrl_c_during_training_subprocess(data, tmp_path):
+    """A real SIGINT in the middle of training: one line, exit status 130, no traceback; the
+    checkpoint written before it loads."""
+    (tmp_path / 'interrupter.py').write_text(_INTERRUPTER, encoding='utf-8')
+    opt = write_options(tmp_path, data, name='interrupted', train={'total_iter': 8})
+    root = tmp_path / 'root'
+    res = _run(_script_or_module('grl-train', 'grl_plugin.train')
+               + ['-opt', opt, '--root', root, '--import', 'interrupter'], tmp_path, extra_pythonpath=[tmp_path])
+    assert res.returncode == 130, _fail_msg(res)
+    assert res.stderr.strip().splitlines()[-1] == 'grl-train: interrupted', _fail_msg(res)
+    assert 'Traceback' not in res.stderr and 'KeyboardInterrupt' not in res.stderr
+    models = root / 'experiments' / 'interrupted' / 'models'
+    assert (models / 'net_g_2.pth').is_file() and not (models / 'net_g_4.pth').exists()
+    assert 'params' in torch.load(models / 'net_g_2.pth', map_location='cpu', weights_only=True)
+
+
+@pytest.mark.parametrize('prog, where', [('train', 'basicsr.train.train_pipeline'),
+                                         ('test', 'basicsr.test.test_pipeline'),
+                                         ('train', 'grl_plugin.cli.validate.validate_file'),
+                                         ('test', 'grl_plugin.cli.train.dry_run_check')])
+def test_ctrl_c_in_process(prog, where, data, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from grl_plugin.cli.train import run
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module, _, attr = where.rpartition('.')
+    monkeypatch.setattr(importlib.import_module(module), attr, interrupt)
+    weights = tmp_path / 'net_g.pth'
+    weights.write_bytes(b'')
+    opt = write_options(tmp_path, data) if prog == 'train' else write_test_options(tmp_path, data, str(weights))
+    extra = ['--dry-run'] if attr == 'dry_run_check' else []
+    capsys.readouterr()
+    rc = run(prog, ['-opt', str(opt), '--root', str(tmp_path / 'root')] + extra)
+    cap = capsys.readouterr()
+    assert rc == 130
+    assert cap.err.strip().splitlines() == [f'grl-{prog}: interrupted'], cap.err

@@ -166,6 +166,7 @@ def test_pixelshuffle_unsupported_upscale(tmp_path, capsys, data):
     def mutate(opt):
         opt['scale'] = 5
         opt['network_g']['upscale'] = 5
+        opt['datasets']['train']['gt_size'] = 20  # a multiple of the scale
     line = bad(tmp_path, capsys, data, mutate)
     assert "network_g.upscale=5: upsampler 'pixelshuffle' supports upscale 2, 3, 4, 8" in line
 
@@ -456,3 +457,236 @@ def test_preset_embed_dim_is_blamed_when_heads_come_from_the_preset():
     problems = validate.check_network({'type': 'GRL_T', 'embed_dim': 66})  # 33 channels per half, 2 heads
     assert [(p.key, p.value) for p in problems] == [('network_g.embed_dim', 66), ('network_g.embed_dim', 66)]
     assert 'do not divide the 33 channels of the window attention half' in problems[0].message
+
+
+# ------------------------------------------------------------------ BasicSR's own option fields
+def top(**values):
+    """``mutate`` that sets top-level ``values``."""
+    return lambda opt: opt.update(copy.deepcopy(values))
+
+
+def _pop(section: str, key: str, rename: Optional[str] = None):
+    """``mutate`` that removes ``opt[section][key]`` (dotted section; '' for the top level), or
+    renames it to ``rename``."""
+    def mutate(opt):
+        node = opt
+        for part in filter(None, section.split('.')):
+            node = node[part]
+        value = node.pop(key)
+        if rename is not None:
+            node[rename] = value
+    return mutate
+
+
+@pytest.mark.parametrize('mutate, expected', [
+    (setter('train.optim_g', lr='2e-4'),
+     'train.optim_g.lr=2e-4: is text, not a number: YAML reads exponents without a dot as strings; '
+     'write 2.0e-4 or !!float 2e-4'),
+    (setter('train', total_iter='5e5'), 'train.total_iter=5e5: is text, not an integer (YAML reads 5e5 as a '
+                                        'string): write 500000'),
+    (setter('val', val_freq='10k'), 'val.val_freq=10k: is text, not an integer (YAML reads 10k as a string): '
+                                    'write 10000'),
+    (setter('train.optim_g', lr='two'), "train.optim_g.lr=two: must be a number, got the text 'two'"),
+    (setter('train.optim_g', lr=True), 'train.optim_g.lr=true: must be a number, not a boolean'),
+    (setter('train', warmup_iter='-1'), "train.warmup_iter=-1: is the text '-1', not an integer: write -1 "
+                                        'unquoted'),
+    (setter('datasets.train', use_hflip='yes'), 'datasets.train.use_hflip=yes: must be true or false'),
+    (top(manual_seed=1.5), 'manual_seed=1.5: must be an integer (or null: a random seed)'),
+    (top(name=123), 'name=123: must be a non-empty string'),
+], ids=['lr-2e-4', 'total_iter-5e5', 'val_freq-10k', 'lr-word', 'lr-bool', 'warmup-text', 'hflip-text',
+        'seed-float', 'name-int'])
+def test_basicsr_field_types(tmp_path, capsys, data, mutate, expected):
+    assert expected in bad(tmp_path, capsys, data, mutate)
+
+
+@pytest.mark.parametrize('mutate, expected', [
+    (setter('train', total_iter=0), 'train.total_iter=0: must be a positive number of iterations'),
+    (setter('train', total_iter=-10), 'train.total_iter=-10: must be a positive'),
+    (setter('logger', print_freq=0), 'logger.print_freq=0: must be a positive number of iterations'),
+    (setter('logger', save_checkpoint_freq=-1), 'logger.save_checkpoint_freq=-1: must be a positive'),
+    (setter('val', val_freq=0), 'val.val_freq=0: must be a positive'),
+    (setter('datasets.train', batch_size_per_gpu=0), 'datasets.train.batch_size_per_gpu=0: must be a positive'),
+    (setter('datasets.train', num_worker_per_gpu=-1), 'datasets.train.num_worker_per_gpu=-1: must be an integer '
+                                                      '>= 0'),
+    (setter('datasets.train', gt_size=0), 'datasets.train.gt_size=0: must be a positive integer'),
+    (setter('datasets.train', gt_size=15), 'datasets.train.gt_size=15: is not a multiple of scale 2'),
+    (top(scale=9), 'scale=9: must be an integer in 1..8'),
+    (top(scale=0), 'scale=0: must be an integer in 1..8'),
+    (setter('train.optim_g', lr=0), 'train.optim_g.lr=0: must be a positive number'),
+    (setter('train.optim_g', lr=-1e-4), 'train.optim_g.lr=-0.0001: must be a positive number'),
+    (setter('train.optim_g', betas=[0.9, 1.5]), 'train.optim_g.betas=[0.9, 1.5]: must be two numbers in [0, 1)'),
+    (setter('train.scheduler', milestones=[500, 100]), 'train.scheduler.milestones=[500, 100]: must be strictly '
+                                                       'increasing'),
+    (setter('train.scheduler', milestones=[100, 100]), 'must be strictly increasing'),
+    (setter('train.scheduler', milestones=100), 'train.scheduler.milestones=100: must be a list'),
+    (setter('train.scheduler', gamma=0), 'train.scheduler.gamma=0: must be a positive number'),
+    (setter('train', warmup_iter=-2), 'train.warmup_iter=-2: must be an integer >= -1'),
+    (setter('train', ema_decay=1), 'train.ema_decay=1: must be in [0, 1)'),
+    (setter('train', ema_decay=-0.5), 'train.ema_decay=-0.5: must be in [0, 1)'),
+    (top(num_gpu=-1), "num_gpu=-1: must be an integer >= 0 or 'auto'"),
+    (top(manual_seed='abc'), 'manual_seed=abc: must be an integer'),
+    (setter('logger', wandb={'project': 'p'}), 'logger.use_tb_logger=false: must be true when '
+                                               'logger.wandb.project is set'),
+])
+def test_basicsr_field_ranges(tmp_path, capsys, data, mutate, expected):
+    assert expected in bad(tmp_path, capsys, data, mutate)
+
+
+@pytest.mark.parametrize('mutate, expected', [
+    (_pop('train', 'total_iter'), "train.total_iter=<missing>: missing: BasicSR's train pipeline reads it"),
+    (_pop('train', 'total_iter', 'total_iters'), "train.total_iters=4: unknown key (did you mean 'total_iter'?"),
+    (_pop('logger', 'print_freq', 'print_frq'), "logger.print_frq=1: unknown key (did you mean 'print_freq'?"),
+    (_pop('logger', 'use_tb_logger'), 'logger.use_tb_logger=<missing>: missing'),
+    (_pop('train', 'scheduler', 'schedular'), "train.schedular={type: MultiStepLR, milestones: [1000], gamma: "
+                                              "0.5}: unknown key (did you mean 'scheduler'?"),
+    (_pop('train', 'optim_g'), 'train.optim_g=<missing>: missing'),
+    (_pop('train', 'pixel_opt', 'pixl_opt'), "train.pixl_opt={type: L1Loss, loss_weight: 1.0, reduction: mean}: "
+                                             "unknown key (did you mean 'pixel_opt'?)"),
+    (_pop('train', 'pixel_opt'), 'train.pixel_opt=<missing>: GRLModel needs a loss'),
+    (_pop('datasets.train', 'batch_size_per_gpu'), 'datasets.train.batch_size_per_gpu=<missing>: missing: the '
+                                                   'training data loader of PairedImageDataset reads it'),
+    (_pop('datasets.train', 'gt_size'), 'datasets.train.gt_size=<missing>: missing'),
+    (_pop('datasets.train', 'use_rot', 'use_rott'), "datasets.train.use_rott=true: unknown key (did you mean "
+                                                    "'use_rot'?"),
+    (_pop('', 'path', 'paht'), "paht={pretrain_network_g: null, strict_load_g: true, resume_state: null}: "
+                               "unknown key (did you mean 'path'?"),
+    (_pop('', 'num_gpu'), 'num_gpu=<missing>: missing'),
+    (_pop('', 'scale'), 'scale=<missing>: missing'),
+    (_pop('val', 'save_img'), 'val.save_img=<missing>: missing'),
+    (_pop('train', 'warmup_iter', 'warmup_itr'), "train.warmup_itr=-1: unknown key (did you mean 'warmup_iter'?)"),
+    (setter('train.optim_g', type='Adamw'), "train.optim_g.type=Adamw: must name a torch.optim optimizer (e.g. "
+                                            "Adam, AdamW) (did you mean 'AdamW'?)"),
+    (setter('train.scheduler', type='MultiStepLr'), "train.scheduler.type=MultiStepLr: must be one of "
+                                                    "MultiStepLR, MultiStepRestartLR, CosineAnnealingRestartLR "
+                                                    "(did you mean 'MultiStepLR'?)"),
+    (setter('train.scheduler', gama=0.5), "train.scheduler.gama=0.5: unknown key for MultiStepLR (did you mean "
+                                          "'gamma'?)"),
+    (lambda o: o['datasets'].update(test=o['datasets'].pop('val')),
+     "datasets.test=tiny_val: BasicSR does not know the dataset phase 'test'"),
+], ids=['total_iter', 'total_iters', 'print_frq', 'use_tb_logger', 'schedular', 'optim_g', 'pixl_opt', 'no-loss',
+        'batch_size', 'gt_size', 'use_rott', 'paht', 'num_gpu', 'scale', 'save_img', 'warmup_itr', 'Adamw',
+        'MultiStepLr', 'gama', 'phase-test'])
+def test_basicsr_missing_or_misspelled_keys(tmp_path, capsys, data, mutate, expected):
+    assert expected in bad(tmp_path, capsys, data, mutate)
+
+
+def test_basicsr_fields_checked_in_dry_run(tmp_path, capsys, data):
+    line = bad(tmp_path, capsys, data, setter('train.optim_g', lr='2e-4'), extra=('--dry-run', ))
+    assert 'train.optim_g.lr=2e-4: is text' in line
+
+
+@pytest.mark.parametrize('entry, expected', [
+    ('train:optim_g:lr=2e-4', 'train.optim_g.lr=2e-4: is text, not a number'),
+    ('train:total_iter=0', 'train.total_iter=0: must be a positive number of iterations'),
+    ('logger:print_freq=-5', "logger.print_freq=-5: is the text '-5', not an integer"),
+    ('train:ema_decay=1.5', 'train.ema_decay=1.5: must be in [0, 1)'),
+])
+def test_basicsr_fields_after_force_yml(tmp_path, capsys, data, entry, expected):
+    path = write(tmp_path, data)
+    assert expected in one_error('train', path, tmp_path, capsys, '--force_yml', entry)
+
+
+def test_several_basicsr_problems_one_line_each(tmp_path, capsys, data):
+    def mutate(opt):
+        opt['train']['optim_g']['lr'] = '2e-4'
+        opt['logger']['print_freq'] = 0
+        opt['datasets']['train'].pop('gt_size')
+    rc, _, err = run_cli('train', write(tmp_path, data, mutate=mutate), tmp_path, capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 3, err
+    assert [line.split(': ')[3].split('=')[0] for line in lines] == \
+        ['logger.print_freq', 'datasets.train.gt_size', 'train.optim_g.lr']
+
+
+@pytest.mark.parametrize('mutate, expected', [
+    (lambda o: o['val'].pop('save_img'), "val.save_img=<missing>: missing: BasicSR's test pipeline reads it"),
+    (lambda o: o.pop('val'), 'val=<missing>: missing'),
+    (lambda o: o['datasets'].update(bench_1=o['datasets'].pop('test_1')),
+     "datasets.bench_1=tiny_test: BasicSR does not know the dataset phase 'bench'"),
+    (lambda o: o.update(scale=0), 'scale=0: must be an integer in 1..8'),
+    (lambda o: o.pop('model_type'), "model_type=<missing>: missing: BasicSR's test pipeline reads it"),
+], ids=['save_img', 'val', 'phase', 'scale', 'model_type'])
+def test_grl_test_basicsr_fields(tmp_path, capsys, data, mutate, expected):
+    weights = tmp_path / 'net_g.pth'
+    weights.write_bytes(b'')
+    path = write_test_options(tmp_path, data['sr'], str(weights))
+    opt = yaml.safe_load(path.read_text(encoding='utf-8'))
+    mutate(opt)
+    path.write_text(yaml.safe_dump(opt, sort_keys=False), encoding='utf-8')
+    assert expected in one_error('test', path, tmp_path, capsys, '--dry-run')
+
+
+def test_valid_basicsr_spellings_pass(data):
+    """What BasicSR accepts is not reported: !!float, 2.0e-4, num_gpu auto, a float iteration
+    count (int() takes it), a null seed, warm-up -1, CosineAnnealingRestartLR, gt_size 16 at x2."""
+    import grl_plugin  # noqa: F401
+    from helpers import train_options
+
+    from grl_plugin.cli import validate
+    text = yaml.safe_dump(train_options(data['sr']), sort_keys=False)
+    text = text.replace('lr: 0.0002', 'lr: !!float 2e-4').replace('num_gpu: 0', 'num_gpu: auto')
+    text = text.replace('total_iter: 4', 'total_iter: 4.0e+0').replace('manual_seed: 10', 'manual_seed: ~')
+    opt = yaml.safe_load(text)
+    assert opt['train']['optim_g']['lr'] == 2e-4 and opt['num_gpu'] == 'auto' and opt['manual_seed'] is None
+    assert validate.check_basicsr(opt, 'train') == []
+    opt['train']['scheduler'] = {'type': 'CosineAnnealingRestartLR', 'periods': [2, 2], 'restart_weights': [1, 1],
+                                 'eta_min': 1e-7}
+    assert validate.check_basicsr(opt, 'train') == []
+    opt['train']['scheduler']['restart_weights'] = [1]
+    assert [p.key for p in validate.check_basicsr(opt, 'train')] == ['train.scheduler.restart_weights']
+    del opt['train']['scheduler']['periods']
+    assert 'train.scheduler.periods' in [p.key for p in validate.check_basicsr(opt, 'train')]
+
+
+def test_number_text_helpers():
+    from grl_plugin.cli.validate import _float_spelling, _number_text
+    assert _number_text('2e-4') == 2e-4 and _number_text('300k') == 300000 and _number_text('1M') == 1e6
+    assert _number_text('two') is None and _number_text('') is None
+    assert _float_spelling('2e-4') == '2.0e-4' and _float_spelling('1.5e3') == '1.5e3'
+
+
+# -------------------------------------------------------- non-GRL network vs scale (hybrid arch)
+EDSR_X2 = dict(type='EDSR', num_in_ch=3, num_out_ch=3, num_feat=16, num_block=2, upscale=2)
+INSERTED = dict(type='GRLInserted', backbone=EDSR_X2,
+                insert=[dict(after='body.1', depth=2, window_size=8, stripe_size=[16, 16],
+                             anchor_window_down_factor=2)])
+
+
+@pytest.mark.parametrize('extra', [(), ('--dry-run', )], ids=['run', 'dry-run'])
+def test_grl_inserted_x2_in_a_scale_1_file(tmp_path, capsys, data, extra):
+    """The README's hybrid: an EDSR x2 backbone in a denoising (scale 1) file used to pass
+    --dry-run and stop at iteration 1 with a tensor-size traceback."""
+    line = bad(tmp_path, capsys, data, top(network_g=INSERTED), kind='dn', extra=extra)
+    assert line.endswith("network_g.backbone.upscale=2: network_g (GRLInserted) outputs 64x64 for a 32x32 input "
+                         "(x2) but the option file's scale is 1: make them equal")
+
+
+def test_grl_unet_in_a_scale_2_file(tmp_path, capsys, data):
+    net = dict(type='GRLUNet', in_channels=3, levels=[dict(dim=16, depth=1, grl=False),
+                                                      dict(dim=16, depth=1, grl=True, window_size=4,
+                                                           stripe_size=[8, 8], anchor_window_down_factor=2)])
+    line = bad(tmp_path, capsys, data, top(network_g=net), kind='sr', extra=('--dry-run', ))
+    assert "network_g.type=GRLUNet: network_g (GRLUNet) outputs 32x32 for a 32x32 input (x1) but the option " \
+           "file's scale is 2" in line
+
+
+def test_grl_inserted_at_its_scale_passes_dry_run(tmp_path, capsys, data):
+    path = write(tmp_path, data, 'sr', top(network_g=INSERTED))
+    rc, out, err = run_cli('train', path, tmp_path, capsys, '--dry-run')
+    assert rc == 0 and 'dry run OK' in out and 'error' not in err, err
+
+
+def test_network_probe_keeps_the_rng_and_skips_what_cannot_be_built():
+    import torch
+
+    import grl_plugin  # noqa: F401
+    from grl_plugin.cli import validate
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    problems = validate.check_network_output({'scale': 1, 'network_g': INSERTED})
+    assert torch.equal(torch.rand(3), expected)
+    assert [p.key for p in problems] == ['network_g.backbone.upscale']
+    assert validate.check_network_output({'scale': 2, 'network_g': INSERTED}) == []
+    assert validate.check_network_output({'scale': 1, 'network_g': dict(INSERTED, insert=[])}) == []
+    assert validate.check_network_output({'scale': 1, 'network_g': {'type': 'NoSuchArch'}}) == []

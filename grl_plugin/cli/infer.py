@@ -73,7 +73,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument('--task', metavar='TASK',
                      help='official task settings: sr, dn, jpeg, dm, db_motion, db_defocus, bsr')
-    src.add_argument('--opt', metavar='OPTION_FILE', help='BasicSR option file whose network_g describes the model')
+    src.add_argument('--opt', '-opt', metavar='OPTION_FILE', help='BasicSR option file whose network_g describes the model')
     g.add_argument('--size', choices=('T', 'S', 'B', 't', 's', 'b'),
                    help='model size of the task preset (default: taken from the weights)')
     g.add_argument('--scale', type=int,

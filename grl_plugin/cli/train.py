@@ -20,7 +20,8 @@ Our own flags (removed before basicsr parses ``sys.argv``):
                      print a summary and exit 0 -- nothing is trained or tested and no folder is
                      created. Exit status 1 if building fails (the error is printed).
 
-BasicSR's flags are passed through: ``-opt FILE`` (required), ``--launcher none|pytorch|slurm``,
+BasicSR's flags are passed through: ``-opt FILE`` (required; ``--opt FILE`` is accepted too and
+passed on as ``-opt``), ``--launcher none|pytorch|slurm``,
 ``--auto_resume``, ``--debug``, ``--local_rank N``, ``--force_yml key:sub=value ...``.
 Errors in the command line or the option file: one line ``grl-train: error: ...`` on stderr,
 exit status 2; so are a checkpoint or training state that cannot be read or does not fit
@@ -28,7 +29,8 @@ exit status 2; so are a checkpoint or training state that cannot be read or does
 Before anything starts, the option file (with the ``--force_yml`` overrides) is checked by
 :mod:`grl_plugin.cli.validate` -- unknown keys (with the closest valid one), invalid GRL /
 dataset / tile combinations, missing files (``--dry-run`` lists missing files without failing)
--- one line ``grl-train: error: FILE: KEY=VALUE: what`` per problem.
+-- one line ``grl-train: error: FILE: KEY=VALUE: what`` per problem. Ctrl-C: one line
+``grl-train: interrupted``, exit status 130.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ _HELP = """usage: {prog} -opt OPTION_FILE [--root DIR] [--import MODULE] [--laun
 {what} with the GRL plugin (BasicSR {pipeline}).
 
 options:
-  -opt OPTION_FILE      BasicSR option YAML (required)
+  -opt OPTION_FILE, --opt OPTION_FILE
+                        BasicSR option YAML (required)
   --root DIR            folder for experiments/, results/, tb_logger/ (default: current directory)
   --import MODULE       import MODULE first, e.g. to register custom components (repeatable)
   --launcher {{none,pytorch,slurm}}
@@ -61,16 +64,6 @@ options:
                         summary and exit: nothing runs, no folder is created
   -h, --help            show this help and exit
 """
-
-# Keys the BasicSR pipelines read unconditionally (KeyError otherwise). Model- and
-# dataset-specific keys (optim_g, gt_size, ...) are left to the model/dataset to report.
-_REQUIRED = {
-    'train': ('name', 'num_gpu', 'path', 'datasets', 'datasets.train', 'datasets.train.batch_size_per_gpu',
-              'datasets.train.num_worker_per_gpu', 'logger', 'logger.use_tb_logger', 'logger.print_freq',
-              'logger.save_checkpoint_freq', 'train', 'train.total_iter'),
-    'test': ('name', 'num_gpu', 'path', 'datasets', 'val'),
-}
-
 
 class UsageError(Exception):
     """A command-line or option-file problem reported as one line, exit status 2."""
@@ -104,6 +97,8 @@ def split_args(argv: Sequence[str]) -> Tuple[Optional[str], List[str], List[str]
             root = val if eq else value('--root')
         elif name == '--import':
             imports.append(val if eq else value('--import'))
+        elif name == '--opt':  # BasicSR spells it -opt
+            rest += ['-opt', val if eq else value('--opt')]
         elif name == '--local-rank':
             rest.append(f'--local_rank={val if eq else value("--local-rank")}')
         elif arg in ('-h', '--help'):
@@ -125,7 +120,7 @@ def parse_basicsr_args(args: Sequence[str]) -> argparse.Namespace:
     """Check ``args`` against the flags of ``basicsr.utils.options.parse_options`` (same
     definitions), so that mistakes are reported in one line before anything starts."""
     parser = _Parser(add_help=False)
-    parser.add_argument('-opt', type=str, required=True)
+    parser.add_argument('-opt', type=str, required=True)  # (--opt: rewritten by split_args)
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
     parser.add_argument('--auto_resume', action='store_true')
     parser.add_argument('--debug', action='store_true')
@@ -136,15 +131,6 @@ def parse_basicsr_args(args: Sequence[str]) -> argparse.Namespace:
         if entry.count('=') != 1 or not entry.split('=')[0].strip():
             raise UsageError(f'argument --force_yml: expected KEY=VALUE (e.g. train:total_iter=1000), got {entry!r}')
     return parsed
-
-
-def _get(opt, dotted: str):
-    node = opt
-    for key in dotted.split('.'):
-        if not isinstance(node, dict) or key not in node:
-            raise KeyError(dotted)
-        node = node[key]
-    return node
 
 
 def check_option_file(path: Optional[str], mode: str) -> dict:
@@ -165,15 +151,7 @@ def check_option_file(path: Optional[str], mode: str) -> dict:
         raise UsageError(f'option file {path} is not valid YAML: {_one_line(err)}') from None
     if not isinstance(opt, dict):
         raise UsageError(f'option file {path} must hold a mapping of options, got {type(opt).__name__}')
-    missing = []
-    for key in _REQUIRED[mode]:
-        try:
-            _get(opt, key)
-        except KeyError:
-            missing.append(key)
-    if missing:
-        raise UsageError(f'option file {path} lacks required option(s): {", ".join(missing)}')
-    return opt
+    return opt  # required keys, types, ranges: grl_plugin.cli.validate (one line per problem)
 
 
 def _check_launcher(launcher: str) -> None:
@@ -193,9 +171,27 @@ def take_dry_run(argv: Sequence[str]) -> Tuple[List[str], bool]:
     return [a for i, a in enumerate(args) if i >= end or a != '--dry-run'], found
 
 
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
+
+
 def run(mode: str, argv: Optional[Sequence[str]] = None) -> int:
-    """Shared body of ``grl-train`` (mode ``'train'``) and ``grl-test`` (mode ``'test'``)."""
+    """Shared body of ``grl-train`` (mode ``'train'``) and ``grl-test`` (mode ``'test'``).
+
+    Ctrl-C (``KeyboardInterrupt``) anywhere -- checks, dry run, training, testing -- ends with
+    one line ``<prog>: interrupted`` and exit status 130, no traceback (checkpoints and
+    training states are written atomically, so the last complete one stays usable).
+    """
     prog = f'grl-{mode}'
+    try:
+        return _run(mode, prog, argv)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(f'{prog}: interrupted', file=sys.stderr, flush=True)
+        return INTERRUPTED
+
+
+def _run(mode: str, prog: str, argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv, dry_run = take_dry_run(argv)

@@ -21,8 +21,16 @@ and ``grl-prepare`` (the option files it writes) call into this module. It repor
 * missing files: dataset roots (``dataroot_*``), ``meta_info_file`` / ``meta_info`` (folder
   backends), ``path.pretrain_network_*``, ``path.resume_state``, ``vgg_weights`` of losses.
 
+* BasicSR's own fields (:func:`check_basicsr`): the keys its pipelines and models read with
+  ``opt[...]`` (missing, or misspelled: named with the key they should be), misspelled optional
+  keys, types (numbers that YAML reads as text, e.g. ``lr: 2e-4``, booleans) and ranges of the
+  counts, rates and factors, dataset phases, the scheduler and optimizer sections, a loss;
+* a network that is not GRL whose output is not ``scale`` times its input (it is built and run
+  once on a small input, :func:`check_network_output`; only from :func:`validate_file`, when
+  nothing else is wrong).
+
 Every problem is printed as one line ``<prog>: error: <file>: <dotted.key>=<value>: <what>``.
-Nothing here builds a network or reads a dataset; everything BasicSR checks itself is left to it.
+Nothing else here builds a network, and nothing reads a dataset.
 """
 from __future__ import annotations
 
@@ -452,6 +460,400 @@ def check_datasets(opt: Mapping[str, Any]) -> List[Problem]:
     return out
 
 
+# ------------------------------------------------------------------------- BasicSR's own fields
+#: Shown as the value of a key the file lacks.
+MISSING = '<missing>'
+
+#: Keys BasicSR's pipelines and models read with ``opt[...]`` (a KeyError mid-run otherwise),
+#: per mode; ``datasets.train.*`` only in training. Dataset-specific keys (``gt_size``,
+#: ``use_hflip``, ``use_rot``) are required where the dataset's code reads them that way.
+REQUIRED_KEYS = {
+    'train': ('name', 'model_type', 'scale', 'num_gpu', 'network_g', 'path', 'datasets', 'datasets.train',
+              'logger', 'logger.use_tb_logger', 'logger.print_freq', 'logger.save_checkpoint_freq', 'train',
+              'train.total_iter', 'train.optim_g', 'train.scheduler'),
+    'test': ('name', 'model_type', 'scale', 'num_gpu', 'network_g', 'path', 'datasets', 'val', 'val.save_img'),
+}
+
+#: Keys of the sections BasicSR and the plugin read, for "did you mean" on misspelled keys
+#: (only a key close to one of these that the section lacks is reported: other keys are
+#: left alone, models and datasets may read keys of their own).
+KNOWN_KEYS = {
+    '': ('name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'network_g', 'network_d', 'path',
+         'train', 'val', 'logger', 'dist_params', 'find_unused_parameters', 'cudnn_deterministic'),
+    'logger': ('print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'),
+    'train': ('total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'optim_d', 'scheduler', 'pixel_opt',
+              'perceptual_opt', 'gan_opt', 'net_d_iters', 'net_d_init_iters', 'grad_clip', 'amp', 'nan_tolerance',
+              'lean_backward'),
+    'val': ('val_freq', 'save_img', 'metrics', 'tile', 'suffix', 'pbar'),
+    'path': ('pretrain_network_g', 'strict_load_g', 'param_key_g', 'resume_state', 'pretrain_network_d',
+             'strict_load_d', 'param_key_d'),
+}
+
+#: ``train.scheduler.type`` values BasicSR's ``setup_schedulers`` builds.
+SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingRestartLR')
+
+#: Dataset keys the training phase needs when the dataset's code reads them with ``opt[...]``.
+_TRAIN_DATASET_KEYS = ('gt_size', 'use_hflip', 'use_rot')
+
+_SUFFIXES = {'k': 10 ** 3, 'm': 10 ** 6}
+
+
+def _number_text(text: str) -> Optional[float]:
+    """The number a string such as ``'2e-4'``, ``'1e5'`` or ``'300k'`` stands for, or None."""
+    text = text.strip().replace('_', '')
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text[-1:].lower() in _SUFFIXES:
+        try:
+            return float(text[:-1]) * _SUFFIXES[text[-1].lower()]
+        except ValueError:
+            return None
+    return None
+
+
+def _float_spelling(text: str) -> str:
+    """``'2e-4'`` -> ``'2.0e-4'`` (the spelling YAML reads as a float)."""
+    mantissa, e, exponent = text.strip().lower().partition('e')
+    if e and '.' not in mantissa:
+        return f'{mantissa}.0e{exponent}'
+    return text.strip()
+
+
+def _type_problem(key: str, value: Any, integer: bool) -> Optional[Problem]:
+    """A Problem when ``value`` is not a number (an int for ``integer``), with the spelling that
+    would be one; None when it is."""
+    what = 'an integer' if integer else 'a number'
+    if isinstance(value, bool):
+        return Problem(key, value, f'must be {what}, not a boolean')
+    if isinstance(value, str):
+        number = _number_text(value)
+        if number is None:
+            return Problem(key, value, f'must be {what}, got the text {value!r}')
+        if integer and number < 0:
+            return Problem(key, value, f'is the text {value!r}, not {what}: write {number:g} unquoted in the file '
+                                       '(--force_yml keeps negative numbers as text)')
+        if integer:
+            hint = f'write {int(number)}' if number == int(number) else 'write a whole number'
+            return Problem(key, value, f'is text, not {what} (YAML reads {value} as a string): {hint}')
+        if 'e' in value.lower() and '.' not in value.lower().partition('e')[0]:
+            return Problem(key, value, f'is text, not a number: YAML reads exponents without a dot as strings; '
+                                       f'write {_float_spelling(value)} or !!float {value.strip()}')
+        return Problem(key, value, f'is text, not a number: write {number:g}')
+    if integer and not _is_int(value):
+        if isinstance(value, float) and value == int(value):
+            return None  # 5.0e+5: BasicSR's int() and % take it
+        return Problem(key, value, f'must be {what}')
+    if not integer and not isinstance(value, (int, float)):
+        return Problem(key, value, f'must be {what}')
+    return None
+
+
+def _number(out: List[Problem], node: Mapping[str, Any], prefix: str, key: str, integer: bool,
+            ok, rule: str) -> None:
+    """Check ``node[key]`` (when present): its type, then ``ok(value)`` (message ``rule``)."""
+    if not isinstance(node, Mapping) or key not in node:
+        return
+    dotted = f'{prefix}.{key}' if prefix else key
+    value = node[key]
+    problem = _type_problem(dotted, value, integer)
+    if problem is not None:
+        out.append(problem)
+    elif not ok(value):
+        out.append(Problem(dotted, value, rule))
+
+
+def _lookup(opt: Mapping[str, Any], dotted: str) -> Tuple[bool, Any, Optional[Mapping[str, Any]]]:
+    """(found, value, parent mapping or None when a parent is missing / not a mapping)."""
+    node: Any = opt
+    keys = dotted.split('.')
+    for key in keys[:-1]:
+        if not isinstance(node, Mapping) or key not in node:
+            return False, None, None
+        node = node[key]
+    if not isinstance(node, Mapping):
+        return False, None, None
+    return keys[-1] in node, node.get(keys[-1]), node
+
+
+def _missing_problem(prefix: str, key: str, parent: Mapping[str, Any], why: str) -> Problem:
+    """A required ``key`` absent from ``parent``: name a present key that looks like it, if any."""
+    dotted = f'{prefix}.{key}' if prefix else key
+    others = [str(k) for k in parent if k not in KNOWN_KEYS.get(prefix, ()) and k != key]
+    best = closest(key, others)
+    if best is not None and difflib.SequenceMatcher(None, key, best).ratio() >= 0.75:
+        where = f'{prefix}.{best}' if prefix else best
+        return Problem(where, parent[best], f"unknown key (did you mean '{key}'? {why})")
+    return Problem(dotted, MISSING, f'missing: {why}')
+
+
+def _required_problems(opt: Mapping[str, Any], mode: str) -> List[Problem]:
+    out, reported = [], set()
+    pipeline = "BasicSR's train pipeline" if mode == 'train' else "BasicSR's test pipeline"
+    for dotted in REQUIRED_KEYS[mode]:
+        found, _, parent = _lookup(opt, dotted)
+        if found or parent is None:
+            continue  # present, or its section is missing (reported once, for the section)
+        prefix, _, key = dotted.rpartition('.')
+        problem = _missing_problem(prefix, key, parent, f'{pipeline} reads it')
+        if problem.key not in reported:
+            reported.add(problem.key)
+            out.append(problem)
+    return out
+
+
+def _misspelled_problems(opt: Mapping[str, Any]) -> List[Problem]:
+    """Keys of the top level and of ``logger`` / ``train`` / ``val`` / ``path`` that are not
+    known but close to a known key the section lacks (BasicSR would silently ignore them)."""
+    out = []
+    for prefix, known in KNOWN_KEYS.items():
+        node = opt if not prefix else opt.get(prefix)
+        if not isinstance(node, Mapping):
+            continue
+        for key, value in node.items():
+            if not isinstance(key, str) or key in known:
+                continue
+            best = closest(key, [k for k in known if k not in node])
+            if best is not None and difflib.SequenceMatcher(None, key, best).ratio() >= 0.8:
+                dotted = f'{prefix}.{key}' if prefix else key
+                out.append(Problem(dotted, value, f"unknown key (did you mean '{best}'?)"))
+    return out
+
+
+def _subscripted_keys(source: str) -> FrozenSet[str]:
+    """Keys ``source`` reads with ``opt['key']`` (no default: required)."""
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+    except (SyntaxError, ValueError):
+        return frozenset()
+    return frozenset(key for node in ast.walk(tree)
+                     if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _reads_opt(node.value)
+                     for key in [_str_const(node.slice)] if key)
+
+
+@lru_cache(maxsize=64)
+def dataset_required_train_keys(type_name: Any) -> FrozenSet[str]:
+    """Of ``gt_size`` / ``use_hflip`` / ``use_rot``, those the training dataset ``type_name``
+    reads with ``opt[...]`` (empty when its code cannot be read)."""
+    from basicsr.utils.registry import DATASET_REGISTRY
+    if not _in_registry(DATASET_REGISTRY, type_name):
+        return frozenset()
+    cls = DATASET_REGISTRY.get(type_name if type_name in DATASET_REGISTRY else f'{type_name}_basicsr')
+    if not inspect.isclass(cls):
+        return frozenset()
+    keys = set()
+    for text in _dataset_sources(cls) or [_source(cls)]:
+        keys |= _subscripted_keys(text)
+    return frozenset(k for k in _TRAIN_DATASET_KEYS if k in keys)
+
+
+def _dataset_field_problems(opt: Mapping[str, Any], mode: str) -> List[Problem]:
+    datasets = opt.get('datasets')
+    if not isinstance(datasets, Mapping):
+        return []
+    out = []
+    phases = ('train', 'val') if mode == 'train' else ('train', 'val', 'test')
+    scale = opt.get('scale')
+    for phase, ds in datasets.items():
+        prefix = f'datasets.{phase}'
+        kind = str(phase).split('_')[0]
+        if kind not in phases:
+            allowed = "'train' and 'val' or 'val_<n>'" if mode == 'train' else "'test_<n>', 'val_<n>' or 'train'"
+            out.append(Problem(prefix, ds if not isinstance(ds, Mapping) else ds.get('name'),
+                               f'BasicSR does not know the dataset phase {kind!r}: name it {allowed}'))
+            continue
+        if not isinstance(ds, Mapping):
+            continue  # check_datasets reports it
+        for key in ('name', 'type'):
+            if key not in ds:
+                out.append(_missing_problem(prefix, key, ds, 'BasicSR reads it for every dataset'))
+        if kind != 'train':
+            continue
+        need = ['batch_size_per_gpu', 'num_worker_per_gpu']
+        need += sorted(dataset_required_train_keys(ds.get('type')))
+        for key in need:
+            if key not in ds:
+                out.append(_missing_problem(prefix, key, ds, f'the training data loader of {ds.get("type")} '
+                                                              'reads it'))
+        _number(out, ds, prefix, 'batch_size_per_gpu', True, lambda v: v > 0, 'must be a positive integer')
+        _number(out, ds, prefix, 'num_worker_per_gpu', True, lambda v: v >= 0,
+                'must be an integer >= 0 (0: load in the main process)')
+        _number(out, ds, prefix, 'dataset_enlarge_ratio', False, lambda v: v > 0, 'must be a positive number')
+        _number(out, ds, prefix, 'gt_size', True, lambda v: v > 0, 'must be a positive integer (the patch side)')
+        gt = ds.get('gt_size')
+        if (_is_pos_int(gt) and _is_pos_int(scale) and 1 < scale <= 8 and ds.get('dataroot_lq') is not None
+                and gt % scale):
+            out.append(Problem(f'{prefix}.gt_size', gt, f'is not a multiple of scale {scale} (the LQ patch is '
+                                                         f'gt_size / scale pixels): use {gt // scale * scale or scale}'))
+        for key in ('use_hflip', 'use_rot'):
+            if key in ds and not isinstance(ds[key], bool):
+                out.append(Problem(f'{prefix}.{key}', ds[key], 'must be true or false'))
+    return out
+
+
+def _scheduler_problems(train: Mapping[str, Any]) -> List[Problem]:
+    sched = train.get('scheduler')
+    if 'scheduler' not in train:
+        return []
+    if not isinstance(sched, Mapping):
+        return [Problem('train.scheduler', sched, 'must be a mapping with a type')]
+    kind = sched.get('type')
+    if kind not in SCHEDULERS:
+        shown = ', '.join(SCHEDULERS)
+        hint = _did_you_mean(kind, SCHEDULERS) if isinstance(kind, str) else ''
+        return [Problem('train.scheduler.type', MISSING if kind is None else kind,
+                        f'must be one of {shown}{hint}')]
+    from basicsr.models import lr_scheduler
+    cls = lr_scheduler.CosineAnnealingRestartLR if kind == 'CosineAnnealingRestartLR' else lr_scheduler.MultiStepRestartLR
+    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n not in ('self', 'optimizer', 'last_epoch')}
+    out = [Problem(f'train.scheduler.{k}', v, f'unknown key for {kind}{_did_you_mean(k, params)}')
+           for k, v in sched.items() if k != 'type' and k not in params]
+    out += [Problem(f'train.scheduler.{n}', MISSING, f'missing: {kind} needs it')
+            for n, p in params.items() if p.default is inspect.Parameter.empty and n not in sched]
+    steps = 'milestones' if kind != 'CosineAnnealingRestartLR' else 'periods'
+    value = sched.get(steps)
+    if steps in sched:
+        bad = next((_type_problem(f'train.scheduler.{steps}', v, True) for v in value
+                    if _type_problem('', v, True) is not None), None) if isinstance(value, list) else None
+        if not isinstance(value, list) or not value:
+            out.append(Problem(f'train.scheduler.{steps}', value, 'must be a list of iteration counts'))
+        elif bad is not None:
+            out.append(Problem(f'train.scheduler.{steps}', value, f'entries must be integers: {bad.message}'))
+        elif any(v <= 0 for v in value):
+            out.append(Problem(f'train.scheduler.{steps}', value, 'must be positive iteration counts'))
+        elif steps == 'milestones' and any(b <= a for a, b in zip(value, value[1:])):
+            out.append(Problem(f'train.scheduler.{steps}', value, 'must be strictly increasing'))
+    _number(out, sched, 'train.scheduler', 'gamma', False, lambda v: v > 0, 'must be a positive number')
+    _number(out, sched, 'train.scheduler', 'eta_min', False, lambda v: v >= 0, 'must be a number >= 0')
+    weights = sched.get('restart_weights')
+    if kind == 'CosineAnnealingRestartLR' and isinstance(value, list) and 'restart_weights' in sched:
+        if not isinstance(weights, list) or len(weights) != len(value):
+            out.append(Problem('train.scheduler.restart_weights', weights,
+                               f'must be a list with one weight per period ({len(value)})'))
+    return out
+
+
+def _optimizer_problems(train: Mapping[str, Any]) -> List[Problem]:
+    import torch
+    out = []
+    names = sorted(n for n in dir(torch.optim) if inspect.isclass(getattr(torch.optim, n))
+                   and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != 'Optimizer')
+    for key, optim in train.items():
+        if not (isinstance(key, str) and key.startswith('optim_')):
+            continue
+        prefix = f'train.{key}'
+        if not isinstance(optim, Mapping):
+            out.append(Problem(prefix, optim, 'must be a mapping with type and lr'))
+            continue
+        kind = optim.get('type')
+        if kind not in names:
+            same = [n for n in names if isinstance(kind, str) and n.lower() == kind.lower()]
+            hint = f" (did you mean '{same[0]}'?)" if same else _did_you_mean(kind, names) if isinstance(kind, str) else ''
+            out.append(Problem(f'{prefix}.type', MISSING if kind is None else kind,
+                               f'must name a torch.optim optimizer (e.g. Adam, AdamW){hint}'))
+        if 'lr' not in optim:
+            out.append(_missing_problem(prefix, 'lr', optim, 'the optimizer needs a learning rate'))
+        _number(out, optim, prefix, 'lr', False, lambda v: v > 0, 'must be a positive number')
+        _number(out, optim, prefix, 'weight_decay', False, lambda v: v >= 0, 'must be a number >= 0')
+        betas = optim.get('betas')
+        if 'betas' in optim and not (isinstance(betas, list) and len(betas) == 2
+                                     and all(_type_problem('', b, False) is None and 0 <= b < 1 for b in betas)):
+            out.append(Problem(f'{prefix}.betas', betas, 'must be two numbers in [0, 1), e.g. [0.9, 0.99]'))
+    return out
+
+
+def _train_field_problems(opt: Mapping[str, Any]) -> List[Problem]:
+    train = opt.get('train')
+    if not isinstance(train, Mapping):
+        return [] if train is None else [Problem('train', train, 'must be a mapping of training options')]
+    out: List[Problem] = []
+    _number(out, train, 'train', 'total_iter', True, lambda v: v > 0, 'must be a positive number of iterations')
+    _number(out, train, 'train', 'warmup_iter', True, lambda v: v >= -1,
+            'must be an integer >= -1 (-1: no warm-up)')
+    _number(out, train, 'train', 'ema_decay', False, lambda v: 0 <= v < 1,
+            'must be in [0, 1) (0: no EMA; e.g. 0.999)')
+    out += _optimizer_problems(train)
+    out += _scheduler_problems(train)
+    for key, loss in train.items():
+        if isinstance(key, str) and key.endswith('_opt') and isinstance(loss, Mapping):
+            _number(out, loss, f'train.{key}', 'loss_weight', False, lambda v: v >= 0, 'must be a number >= 0')
+    from basicsr.models.sr_model import SRModel
+    from basicsr.utils.registry import MODEL_REGISTRY
+    kind = opt.get('model_type')
+    model = MODEL_REGISTRY.get(kind) if _in_registry(MODEL_REGISTRY, kind) else None
+    if (inspect.isclass(model) and issubclass(model, SRModel)
+            and not train.get('pixel_opt') and not train.get('perceptual_opt')):
+        losses = [k for k in train if isinstance(k, str) and k not in KNOWN_KEYS['train']]
+        best = closest('pixel_opt', losses) or closest('perceptual_opt', losses)
+        if best is not None:
+            out.append(Problem(f'train.{best}', train[best], "unknown key (did you mean 'pixel_opt' or "
+                                                              "'perceptual_opt'? the model needs one of them)"))
+        else:
+            out.append(Problem('train.pixel_opt', MISSING, f'{kind} needs a loss: train.pixel_opt or '
+                                                           'train.perceptual_opt (e.g. {type: L1Loss})'))
+    return out
+
+
+def _top_field_problems(opt: Mapping[str, Any], mode: str) -> List[Problem]:
+    out: List[Problem] = []
+    if 'name' in opt and (not isinstance(opt['name'], str) or not opt['name']):
+        out.append(Problem('name', opt['name'], 'must be a non-empty string (the run folder name)'))
+    num_gpu = opt.get('num_gpu')
+    if 'num_gpu' in opt and num_gpu != 'auto':
+        _number(out, opt, '', 'num_gpu', True, lambda v: v >= 0, "must be an integer >= 0 or 'auto' (0: CPU)")
+    _number(out, opt, '', 'scale', True, lambda v: 1 <= v <= 8, 'must be an integer in 1..8 (1: restoration)')
+    if opt.get('manual_seed') is not None and not _is_int(opt['manual_seed']):
+        out.append(Problem('manual_seed', opt['manual_seed'], 'must be an integer (or null: a random seed)'))
+    for section in ('path', 'logger', 'val'):
+        if section in opt and opt[section] is not None and not isinstance(opt[section], Mapping):
+            out.append(Problem(section, opt[section], 'must be a mapping'))
+    logger = opt.get('logger')
+    if mode == 'train' and isinstance(logger, Mapping):
+        _number(out, logger, 'logger', 'print_freq', True, lambda v: v > 0, 'must be a positive number of iterations')
+        _number(out, logger, 'logger', 'save_checkpoint_freq', True, lambda v: v > 0,
+                'must be a positive number of iterations')
+        if 'use_tb_logger' in logger and not isinstance(logger['use_tb_logger'], bool):
+            out.append(Problem('logger.use_tb_logger', logger['use_tb_logger'], 'must be true or false'))
+        wandb = logger.get('wandb')
+        if (isinstance(wandb, Mapping) and wandb.get('project') is not None and logger.get('use_tb_logger') is not True
+                and 'debug' not in str(opt.get('name', ''))):
+            out.append(Problem('logger.use_tb_logger', logger.get('use_tb_logger', MISSING),
+                               'must be true when logger.wandb.project is set (BasicSR asserts it)'))
+    val = opt.get('val')
+    if isinstance(val, Mapping):
+        if mode == 'train':
+            if 'val_freq' not in val:
+                out.append(_missing_problem('val', 'val_freq', val, "BasicSR's train pipeline reads it"))
+            if 'save_img' not in val:
+                out.append(_missing_problem('val', 'save_img', val, "BasicSR's train pipeline reads it"))
+            _number(out, val, 'val', 'val_freq', True, lambda v: v > 0, 'must be a positive number of iterations')
+        if 'save_img' in val and not isinstance(val['save_img'], bool):
+            out.append(Problem('val.save_img', val['save_img'], 'must be true or false'))
+    return out
+
+
+def check_basicsr(opt: Mapping[str, Any], mode: str = 'train') -> List[Problem]:
+    """BasicSR's own option fields: required keys (a misspelled one is named with the key it
+    should be), misspelled optional keys, the types (numbers YAML reads as text, e.g. ``2e-4``)
+    and ranges of the counts, rates and factors BasicSR reads, dataset phases, the scheduler
+    and optimizer sections, and a loss for SRModel-based training."""
+    out = _required_problems(opt, mode)
+    named = {p.key for p in out}
+    out += [p for p in _misspelled_problems(opt) if p.key not in named]
+    out += _top_field_problems(opt, mode)
+    out += _dataset_field_problems(opt, mode)
+    if mode == 'train':
+        out += _train_field_problems(opt)
+    seen, unique = set(), []
+    for problem in out:  # one line per key
+        if problem.key not in seen:
+            seen.add(problem.key)
+            unique.append(problem)
+    return unique
+
+
 # ------------------------------------------------------------------------------ combinations
 def check_registered(opt: Mapping[str, Any]) -> List[Problem]:
     """``model_type``, ``network_*.type``, loss and metric types name registered components."""
@@ -481,7 +883,7 @@ def check_registered(opt: Mapping[str, Any]) -> List[Problem]:
 def check_scale(opt: Mapping[str, Any], kwargs: Mapping[str, Any]) -> List[Problem]:
     """The option file's ``scale`` (data, metrics, tiling) equals ``network_g.upscale``."""
     scale, up = opt.get('scale'), kwargs.get('upscale')
-    if scale is None or not _is_pos_int(up) or scale == up:
+    if not _is_pos_int(scale) or scale > 8 or not _is_pos_int(up) or scale == up:  # (bad scale: check_basicsr)
         return []
     return [Problem('network_g.upscale', up, f'differs from the option file\'s scale {format_value(scale)} '
                                              '(the data and the metrics use scale; they must be equal)')]
@@ -543,6 +945,60 @@ def check_tile(opt: Mapping[str, Any], kwargs: Optional[Mapping[str, Any]]) -> L
         out.append(Problem('val.tile.overlap', overlap, f'must be an integer in [0, {tile_px}) (the tile is '
                                                         f'{tile_px} pixels)'))
     return out
+
+
+# ------------------------------------------------------------------------ network output size
+#: Side of the probe input (a multiple of the network's ``pad_size`` when it has one).
+PROBE_SIDE = 32
+
+
+def _upscale_key(net_opt: Mapping[str, Any]) -> Tuple[str, Any]:
+    """The dotted key that sets the network's scale factor (``upscale`` / ``scale`` of
+    ``network_g`` or of its ``backbone``), for the problem line; ``network_g.type`` otherwise."""
+    for prefix, node in (('network_g', net_opt), ('network_g.backbone', net_opt.get('backbone'))):
+        if isinstance(node, Mapping):
+            for key in ('upscale', 'scale', 'upscale_factor'):
+                if key in node:
+                    return f'{prefix}.{key}', node[key]
+    return 'network_g.type', net_opt.get('type')
+
+
+def check_network_output(opt: Mapping[str, Any]) -> List[Problem]:
+    """Build a non-GRL ``network_g`` (GRLUNet, GRLInserted, BasicSR or user archs: their scale
+    factor is not known from the options) on the CPU and run it once on a small zero input; a
+    problem when the output is not ``scale`` times the input, the tensor-size error the first
+    training iteration (or the first test image) would otherwise stop with. Networks that
+    cannot be built or run here are left to BasicSR. The RNG state is kept."""
+    net_opt, scale = opt.get('network_g'), opt.get('scale')
+    if not isinstance(net_opt, Mapping) or not _is_pos_int(scale) or network_kwargs(net_opt) is not None:
+        return []  # GRL: upscale vs scale is checked from the options (check_scale)
+    import torch
+    from basicsr.utils.registry import ARCH_REGISTRY
+    kwargs = {k: v for k, v in _plain(net_opt).items() if k != 'type'}
+    try:
+        # the class itself, not build_network: that would set up BasicSR's logger before the run
+        # gives it its log file
+        cls = ARCH_REGISTRY.get(net_opt.get('type'))
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            net = cls(**kwargs).eval()
+            conv = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+            if conv is None:
+                return []
+            pad = getattr(net, 'pad_size', None)
+            side = -(-PROBE_SIDE // pad) * pad if _is_pos_int(pad) else PROBE_SIDE
+            out = net(torch.zeros(1, conv.in_channels, side, side))
+    except Exception:  # noqa: BLE001 - BasicSR reports what cannot be built, with its own message
+        return []
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        return []
+    got = tuple(out.shape[-2:])
+    if got == (side * scale, side * scale):
+        return []
+    factor = got[1] / side
+    shown = f'{factor:g}' if got[0] == got[1] else f'{got[0] / side:g} x {factor:g}'
+    key, value = _upscale_key(net_opt)
+    return [Problem(key, value, f'network_g ({net_opt.get("type")}) outputs {got[0]}x{got[1]} for a {side}x{side} '
+                                f'input (x{shown}) but the option file\'s scale is {scale}: make them equal')]
 
 
 # ------------------------------------------------------------------------------------- paths
@@ -628,7 +1084,8 @@ def validate_options(opt: Mapping[str, Any], mode: str = 'train', paths: bool = 
     training state is looked up by BasicSR, so ``resume_state`` / ``pretrain_network_*`` are
     not checked.
     """
-    out = check_registered(opt)
+    out = check_basicsr(opt, mode)
+    out += check_registered(opt)
     out += check_datasets(opt)
     net = opt.get('network_g')
     kwargs = None
@@ -642,19 +1099,23 @@ def validate_options(opt: Mapping[str, Any], mode: str = 'train', paths: bool = 
     out += check_tile(opt, kwargs if kwargs is not None and pad_size(kwargs) else None)
     if paths:
         out += check_paths(opt, mode, auto_resume)
-    return out
+    seen = set()
+    return [p for p in out if not (p.key in seen or seen.add(p.key))]  # one line per key
 
 
 def validate_file(opt: Mapping[str, Any], mode: str = 'train', force_yml: Optional[Sequence[str]] = None,
                   paths: bool = True, auto_resume: bool = False, prog: str = 'grl') -> List[Problem]:
     """:func:`validate_options` of ``opt`` after the ``--force_yml`` overrides.
 
-    A failure of the checks themselves never stops a run: it is reported as a one-line warning
+    When nothing else is wrong, a network that is not GRL is built and probed for its scale
+    factor (:func:`check_network_output`). A failure of the checks themselves never stops a
+    run: it is reported as a one-line warning
     (``<prog>: warning: ...``) and BasicSR's own checks remain.
     """
     try:
         opt, problems = apply_force_yml(opt, force_yml)
-        return problems + validate_options(opt, mode, paths=paths, auto_resume=auto_resume)
+        problems += validate_options(opt, mode, paths=paths, auto_resume=auto_resume)
+        return problems or check_network_output(opt)
     except Exception as err:  # noqa: BLE001 - a bug here must not block a valid run
         text = ' '.join(str(err).split()) or type(err).__name__
         print(f'{prog}: warning: option checks skipped ({type(err).__name__}: {text})', file=sys.stderr)

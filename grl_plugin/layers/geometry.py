@@ -242,7 +242,9 @@ def _region_labels(size: Size2, window: Size2, shift: Size2, device: torch.devic
     count = 0
     for hs in slices[0]:
         for ws in slices[1]:
-            labels[hs, ws] = count
+            # a stripe as long as the axis leaves [0, -w) empty: no zero-size write (export)
+            if len(range(*hs.indices(size[0]))) and len(range(*ws.indices(size[1]))):
+                labels[hs, ws] = count
             count += 1
     return rearrange(labels, "(nh h) (nw w) -> (nh nw) (h w)", h=window[0], w=window[1])
 
