@@ -283,7 +283,7 @@ def fix_device_options():
 
 # --- one LMDB read by two datasets --------------------------------------------------------------
 
-_LMDB_ENVS = {}  # (pid, device, inode of the data file) -> [lmdb.Environment, number of LmdbBackends using it]
+_LMDB_ENVS = {}  # (pid, device, inode of the data file) -> [lmdb.Environment, users, real path]
 
 
 def _lmdb_file_id(path, subdir=True):
@@ -315,7 +315,12 @@ def _lmdb_backend_init(self, db_paths, client_keys='default', readonly=True, loc
             key = None  # lmdb.open reports it as basicsr would
         entry = _LMDB_ENVS.get(key)
         if entry is None:
-            entry = [lmdb.open(path, readonly=readonly, lock=lock, readahead=readahead, **kwargs), 0]
+            real = osp.realpath(path)
+            for old, (env, _, where) in list(_LMDB_ENVS.items()):
+                if where == real and old[0] == os.getpid():  # the database there was replaced: the
+                    del _LMDB_ENVS[old]  # old one is closed (py-lmdb may take the new files for it)
+                    env.close()
+            entry = [lmdb.open(path, readonly=readonly, lock=lock, readahead=readahead, **kwargs), 0, real]
             if key is not None:
                 _LMDB_ENVS[key] = entry
         if key is not None:
@@ -350,8 +355,9 @@ def fix_lmdb_shared_env():
     is already open in this process``), and basicsr's ``LmdbBackend`` opens one per dataset: train
     and val on one LMDB fail without dataloader workers. Share one read-only environment per
     (process, LMDB data file): a database deleted and rebuilt at the same path is a new file and
-    gets a new environment; an environment is closed when the last backend using it is
-    garbage-collected. Condition: probed on a temporary LMDB. Returns True if applied."""
+    gets a new environment (the old one is closed: its files are gone); an environment is also
+    closed when the last backend using it is garbage-collected. Condition: probed on a
+    temporary LMDB. Returns True if applied."""
     if is_patched('basicsr.utils.file_client', 'LmdbBackend.__init__') or not _lmdb_refuses_second_open():
         return False
     return patch('basicsr.utils.file_client', 'LmdbBackend.__init__', _lmdb_backend_init, _BY)

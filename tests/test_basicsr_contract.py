@@ -166,7 +166,8 @@ def test_grl_model_saves_what_basicsr_saves(tmp_path):
 
 def test_lmdb_rebuilt_at_the_same_path_is_read_anew(tmp_path):
     """The shared LMDB environment follows the file: a database deleted and rebuilt at the same
-    path is read from the new file; an environment closes with its last user."""
+    path is read from the new file (the old environment is closed); an environment closes with
+    its last user."""
     import gc
     import shutil
 
@@ -186,13 +187,19 @@ def test_lmdb_rebuilt_at_the_same_path_is_read_anew(tmp_path):
     after = new.get('0000', 'gt')
     assert after == FileClient('lmdb', db_paths=[other], client_keys=['gt']).get('0000', 'gt') and after != before
     assert cv2.imdecode(np.frombuffer(after, np.uint8), cv2.IMREAD_COLOR).shape[0] == 24
-    assert old.get('0000', 'gt') == before  # a user of the old file keeps reading it
-    n = len(compat._LMDB_ENVS)
-    del old
-    gc.collect()
-    assert len(compat._LMDB_ENVS) == n - 1  # closed with its last user
+    import lmdb
+    with pytest.raises(lmdb.Error):  # the replaced database's environment was closed
+        old.get('0000', 'gt')
     again = FileClient('lmdb', db_paths=[first], client_keys=['gt'])
     assert again.client._client['gt'] is new.client._client['gt']  # same file, one environment
+    n = len(compat._LMDB_ENVS)
+    key = next(k for k, e in compat._LMDB_ENVS.items() if e[0] is new.client._client['gt'])
+    del new
+    gc.collect()
+    assert compat._LMDB_ENVS[key][1] == 1  # one user left
+    del again
+    gc.collect()
+    assert len(compat._LMDB_ENVS) == n - 1 and key not in compat._LMDB_ENVS  # closed with its last user
 
 
 BLOCKED = """
