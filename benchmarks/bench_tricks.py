@@ -43,47 +43,28 @@ def _normalize_plain(qkv, factor):
 
 def _tricks():
     """name -> (what it is, [(config, mode)], patches that switch it off)."""
-    from grl_plugin.layers import bias, block, cpb, window_attn
+    from grl_plugin.layers import bias, block, cpb
     from grl_plugin.layers.kernels import cpu, sdpa
     huge = 1 << 62
-
-    def exp_softmax_(s):
-        s.sub_(s.amax(-1, keepdim=True)).clamp_min_(cpu._LOG_FLOOR).exp_()
-        return s.div_(s.sum(-1, keepdim=True))
-
     return {
-        "few_keys_explicit": ("explicit logits + in-place softmax below 65 keys (eval)",
-                              [("tiny", "eval"), ("small", "eval"), ("base", "eval")],
-                              [(cpu, "_CPU_FUSED_MIN_KEYS", 0)]),
         "mask_columns": ("region mask as extra q/k columns (large windows)",
                          [("base@sr", "eval"), ("small@sr", "train")],
                          [(sdpa, "_MASK_COLUMNS_MIN_PAIRS", huge)]),
-        "head_pad": ("CPU head dims padded to a multiple of 16",
-                     [("base", "eval"), ("base@sr", "eval")],
-                     [(cpu, "_CPU_HEAD_PAD_MAX", 0)]),
         "large_index_plans": ("reversed keys / grouped kernel / two-step gather for large indices",
                               [("small@sr", "eval"), ("small@sr", "train"), ("base@sr", "eval")],
                               [(bias, "_LARGE_INDEX_MIN", huge)]),
-        "exp2_softmax": ("exp as exp2 in the CPU softmax and backward",
-                         [("tiny", "train"), ("small@sr", "train")],
-                         [(cpu, "_softmax_", exp_softmax_),
-                          (cpu, "_probs_", lambda s: s.clamp_min_(cpu._LOG_FLOOR).exp_())]),
         "backward_blocks": ("CPU backward in cache-sized blocks",
                             [("small@sr", "train"), ("tiny@sr", "train")],
                             [(cpu, "_BACKWARD_BLOCK_BYTES", huge)]),
         "grid_cpb": ("position-bias MLP in its grid form (large tables)",
                      [("tiny@sr", "train"), ("small@sr", "train"), ("small@sr", "eval")],
                      [(cpb, "_GRID_MIN_CELLS", huge)]),
-        "lean_mlp_norm": ("MLP hidden layer and post-norm inputs recomputed (_LeanMlp, _LinearNorm)",
+        "lean_mlp_norm": ("MLP and output projection + post-norm recomputed (checkpoint), input kept",
                           [("tiny", "train"), ("small", "train"), ("small@sr", "train")],
-                          [(block, "_lean_autograd", lambda *a, **k: False)]),
+                          [(block, "_recompute", lambda *a, **k: False)]),
         "normalize_function": ("normalize_qkv's autograd Function (keeps only its output)",
                                [("tiny", "train"), ("small@sr", "train")],
                                [(sdpa._NormalizeQKV, "apply", staticmethod(_normalize_plain))]),
-        "permute_function": ("token permutation's gather backward (_PermuteTokens)",
-                             [("tiny", "train"), ("small@sr", "train")],
-                             [(window_attn._PermuteTokens, "apply",
-                               staticmethod(lambda x, order, inverse: x.index_select(1, order)))]),
     }
 
 

@@ -367,9 +367,9 @@ def test_eval_bias_cache_reused_and_invalidated_by_weight_changes():
 @pytest.mark.parametrize("n2", [8, 40])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_fused_eval_path_matches_reference(masked, n2, batch, monkeypatch):
-    """Eval: with few keys (8, GRL's anchors at 8x8 windows) explicit logits + softmax, with
-    more (40) the fused kernel; both give the reference's result, for one image (its windows
-    are the kernel's batch) and two (the per-window bias + mask broadcast over images)."""
+    """Eval: few keys (8, GRL's anchors at 8x8 windows) and more (40) go through the fused
+    kernel and give the reference's result, for one image (its windows are the kernel's batch)
+    and two (the per-window bias + mask broadcast over images)."""
     fused_calls = []
     real = cpu_mod._fused
     monkeypatch.setattr(cpu_mod, "_fused", lambda *a, **kw: (fused_calls.append(1), real(*a, **kw))[1])
@@ -379,7 +379,7 @@ def test_fused_eval_path_matches_reference(masked, n2, batch, monkeypatch):
         fast = cosine_attention(q, k, v, t, table, index, mask, impl="sdpa")
         again = cosine_attention(q, k, v, t, table, index, mask, impl="sdpa")  # from the bias cache
     assert (ref - fast).abs().max() <= TOL and torch.equal(fast, again)
-    assert len(fused_calls) == 2 * (n2 >= cpu_mod._CPU_FUSED_MIN_KEYS)
+    assert len(fused_calls) == 2
     if masked:  # small windows: the eval cache holds bias + mask, one (nW, heads, N1, N2) tensor
         (entry,) = t._bias_cache.values()
         assert entry[0][2] is mask and entry[2].shape == (mask.shape[0], 2) + tuple(index.shape)
@@ -496,18 +496,18 @@ def test_partition_order_is_roll_then_partition(size, part, shift):
     assert torch.equal(gathered.index_select(1, inverse).view_as(x), back) and torch.equal(back, x)
 
 
-def test_permute_tokens_backward_is_the_inverse_gather():
+def test_permute_tokens_gradient_and_strided_output():
     from grl_plugin.layers.geometry import partition_order
     from grl_plugin.layers.window_attn import permute_tokens
     order, inverse = partition_order((8, 12), (4, 4), (2, 2), torch.device("cpu"))
     x = torch.randn(2, 96, 5, requires_grad=True)
     w = torch.randn(2, 96, 5)
-    g_fast, = torch.autograd.grad((permute_tokens(x, order, inverse) * w).sum(), x)
+    g_fast, = torch.autograd.grad((permute_tokens(x, order) * w).sum(), x)
     g_ref, = torch.autograd.grad((x[:, order] * w).sum(), x)
     assert torch.equal(g_fast, g_ref)
     with torch.no_grad():  # written into a strided half of a wider buffer
         buf = torch.zeros(2, 96, 10)
-        permute_tokens(x, order, inverse, out=buf[..., 5:])
+        permute_tokens(x, order, out=buf[..., 5:])
         assert torch.equal(buf[..., 5:], x[:, order]) and not buf[..., :5].any()
 
 
@@ -579,7 +579,6 @@ def test_region_mask_as_extra_columns_matches_reference_eval_and_training(save_p
     bias + mask for all windows, also in one call."""
     from grl_plugin.layers.geometry import coords_table, mask_factors, mask_split, relative_index, window_mask
     use_lean_backward(monkeypatch, save_probs)
-    monkeypatch.setattr(cpu_mod, "_CPU_FUSED_MIN_KEYS", 64)  # eval: the fused kernel at 64 keys
     if columns:
         monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 64 * 64)
     cpu = torch.device("cpu")
@@ -763,15 +762,11 @@ def test_reversed_keys_plan_is_the_index_as_strides():
     assert reversed_keys_plan(index, 16) is None  # not this table's width
 
 
-def test_cpu_kernel_head_dims_padded_to_multiples_of_16(monkeypatch):
-    """On CPU the fused kernel gets head dims padded with zero columns to the next multiple of
-    16 where that takes at most 4 (30 -> 32, 28 -> 32, 62 -> 64, 14 -> 16; not 24, 56, 34), with
-    the mask's q/k columns counted (28 + 4 -> 32: no padding; 30 + 4 = 34: none), and gives
-    the unpadded attention's output (the explicit one) in the plain, masked and grouped
-    calls."""
+def test_cpu_kernels_take_the_true_head_dim_and_the_mask_columns(monkeypatch):
+    """The CPU kernels get q, k, v at their own head dim, widened only by a region mask's q/k
+    columns (28 + 4 -> 32, 30 + 4 -> 34), and give the explicit attention's output in the
+    plain, masked and grouped calls."""
     from grl_plugin.layers.geometry import coords_table, relative_index, reversed_keys_plan, window_mask
-    assert [cpu_mod._cpu_head_pad(d) for d in (30, 28, 31, 32, 62, 14, 24, 56, 34, 16)] == \
-        [2, 4, 1, 0, 2, 2, 0, 0, 0, 0]
     cpu = torch.device("cpu")
     monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)  # masks as columns at 8x8 too
     widths = []
@@ -784,13 +779,13 @@ def test_cpu_kernel_head_dims_padded_to_multiples_of_16(monkeypatch):
     values = torch.rand(2, table.shape[1] * table.shape[2]) * 16
     bias = bias_mod.gather_bias(values, index)
     mask = window_mask((16, 16), 8, 4, cpu)
-    for d, masked, width in [(30, False, 32), (24, False, 24), (28, True, 32), (30, True, 34), (26, True, 32)]:
+    for d, masked, width in [(30, False, 30), (24, False, 24), (28, True, 32), (30, True, 34), (26, True, 30)]:
         m = mask if masked else None
         q, k, v = (torch.randn(8, 2, 64, d) for _ in range(3))
         want = sdpa_mod.explicit(q, k, v, bias, m, 0.0, inplace=False)
         got = [cpu_mod._fused(q, k, v, bias, m), cpu_mod._fused_with_lse(q, k, v, bias, m)[0],
                cpu_mod._grouped_flash(q, k.flip(-2), v.flip(-2), bias_mod.grouped_bias(values, plan),
-                                            None if m is None else m.flip(-1))]
+                                      None if m is None else m.flip(-1))]
         assert widths == [width] * (2 + 8), (d, masked, widths)  # (the grouped call: one per window)
         widths.clear()
         for out in got:
@@ -947,11 +942,8 @@ def test_blocks_with_large_windows_keep_mlp_hidden_and_norm_inputs(mode, monkeyp
     from grl_plugin.layers.attention import probs_recomputed
     assert probs_recomputed(256, 256, 4, 4) and not probs_recomputed(16, 16, 4, 4)
     calls = []
-    real_norm, real_mlp = block_mod._LinearNorm.apply, block_mod._LeanMlp.apply
-    monkeypatch.setattr(block_mod._LinearNorm, "apply", lambda *a: calls.append("proj+norm recomputed") or real_norm(*a))
-    monkeypatch.setattr(block_mod._LeanMlp, "apply",
-                        lambda *a: calls.append(("hidden recomputed", a[5], "norm input recomputed", a[6] is not None))
-                        or real_mlp(*a))
+    real = block_mod.checkpoint
+    monkeypatch.setattr(block_mod, "checkpoint", lambda fn, *a, **kw: calls.append(fn.__name__) or real(fn, *a, **kw))
     dim = 16
     for window in (16, 4):
         large = window == 16
@@ -966,8 +958,7 @@ def test_blocks_with_large_windows_keep_mlp_hidden_and_norm_inputs(mode, monkeyp
         calls.clear()
         out = fast(x, (32, 32))
         recompute = mode is True or (mode is None and not large)
-        assert calls == ["proj+norm recomputed"] * recompute + [("hidden recomputed", recompute,
-                                                                 "norm input recomputed", recompute)]
+        assert calls == ["_project", "_layers"] * recompute
         want = torch.autograd.grad(ref(x, (32, 32)).square().sum(), [x, *ref.parameters()])
         got = torch.autograd.grad(out.square().sum(), [x, *fast.parameters()])
         for a_, b_ in zip(got, want):
@@ -977,11 +968,10 @@ def test_blocks_with_large_windows_keep_mlp_hidden_and_norm_inputs(mode, monkeyp
 @pytest.mark.parametrize("mode", [None, True, False])
 def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
     """The lean MLP (training path) gives the plain MLP's output and gradients (input, both
-    weights and biases) and keeps only its input for the backward, or under
-    lean_backward=False its input and fc1's output (no GELU output); the reference path
-    of GRLBlock uses the plain one, and GRL.set_attn_impl switches it."""
+    weights and biases) and keeps only its input for the backward, or with
+    lean_backward=False what the plain one keeps; the reference path of GRLBlock uses the
+    plain one, and GRL.set_attn_impl switches it."""
     from grl_plugin.layers import GRLBlock, Mlp, configure
-    from grl_plugin.layers.block import _LeanMlp
     keep_hidden = mode is False
     torch.manual_seed(0)
     lean, plain = configure(Mlp(6, 10).double(), lean_backward=mode), Mlp(6, 10, lean=False).double()
@@ -1003,11 +993,10 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
         return sum(n for ptr, n in storages.items() if ptr not in weights) // 8
 
-    assert activations(s1) == 2 * 7 * (6 + 10 if keep_hidden else 6)
+    assert activations(s1) == 2 * 7 * (6 + 10 + 10 if keep_hidden else 6)
     assert activations(s2) == 2 * 7 * (6 + 10 + 10)
-    params = [p.detach().clone().requires_grad_() for p in lean.parameters()]
-    assert torch.autograd.gradcheck(lambda *a: _LeanMlp.apply(*a, not keep_hidden),
-                                    (x.detach().requires_grad_(), *params))
+    norm = torch.nn.LayerNorm(6).double()
+    assert torch.autograd.gradcheck(lambda t: lean(t, norm), (x.detach().requires_grad_(),))
     assert GRLBlock(16, 2, 2, attn_impl="reference").mlp.lean is False
     assert GRLBlock(16, 2, 2).mlp.lean is True
     net = GRL(img_size=16, embed_dim=16, depths=[2], num_heads_window=[2], num_heads_stripe=[2],
@@ -1022,8 +1011,8 @@ def test_lean_mlp_matches_plain_mlp_and_keeps_less(mode, monkeypatch):
 def test_post_norms_recompute_their_input(mode, monkeypatch):
     """In training on the fast path the block's two post-norms keep only their row statistics,
     not their inputs (the attention's output projection and fc2's output, recomputed in the
-    backward) -- 2 x B x L x C values fewer per block -- except with lean_backward=False;
-    output and every gradient equal those of the norms applied as modules."""
+    backward), nor the MLP's hidden layers -- B x L x (2 C + 2 hidden + 4) values fewer per block --
+    except with lean_backward=False; output and every gradient equal those of the plain layers."""
     from grl_plugin.layers import GRLBlock, configure
     from grl_plugin.layers import block as block_mod
     torch.manual_seed(0)
@@ -1037,9 +1026,9 @@ def test_post_norms_recompute_their_input(mode, monkeypatch):
     params = dict(blk.named_parameters())
     weights = {p.untyped_storage().data_ptr() for p in params.values()}
     runs = []
-    real = block_mod._norm_args
+    real = block_mod._recompute
     for fused in (True, False):
-        monkeypatch.setattr(block_mod, "_norm_args", real if fused else (lambda norm: None))
+        monkeypatch.setattr(block_mod, "_recompute", real if fused else (lambda *a: False))
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             out = blk(x, (16, 16))
@@ -1050,31 +1039,9 @@ def test_post_norms_recompute_their_input(mode, monkeypatch):
     assert torch.allclose(o1, o2, rtol=0, atol=1e-12)
     for name, a, b in zip(["x", *params], g1, g2):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-11), name
-    assert n2 - n1 == (0 if mode is False else 2 * 2 * 16 * 16 * 16)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_norm_and_mlp_norm_gradcheck(bias):
-    """The fused product + post-norm functions against finite differences (float64), with and
-    without the product's bias, and with frozen parts."""
-    from grl_plugin.layers.block import _LeanMlp, _LinearNorm
-    torch.manual_seed(0)
-
-    def leaf(*shape):
-        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-
-    x, w, nw, nb = leaf(2, 5, 4), leaf(6, 4), leaf(6), leaf(6)
-    b = leaf(6) if bias else None
-    assert torch.autograd.gradcheck(lambda *a: _LinearNorm.apply(*a[:3], 1e-5, *a[3:]), (x, w, b, nw, nb))
-    assert torch.autograd.gradcheck(lambda x, nb: _LinearNorm.apply(x, w.detach(), b, 1e-5, nw.detach(), nb),
-                                    (x, nb))
-    w1, w2 = leaf(7, 6), leaf(6, 7)
-    b1, b2 = (leaf(7), leaf(6)) if bias else (None, None)
-    for recompute in (True, False):
-        assert torch.autograd.gradcheck(lambda *a: _LeanMlp.apply(*a[:5], recompute, 1e-5, *a[5:]),
-                                        (leaf(2, 5, 6), w1, b1, w2, b2, nw, nb))
-    assert torch.autograd.gradcheck(lambda x, w2: _LeanMlp.apply(x, w1.detach(), b1, w2, b2, True, 1e-5, nw, None),
-                                    (leaf(2, 5, 6), w2))
+    hidden = blk.mlp.fc1.out_features
+    # per token: both norms' inputs (2 C) and row statistics (2 x mean, 1/std), fc1's output and the GELU's
+    assert n2 - n1 == (0 if mode is False else 2 * 16 * 16 * (2 * 16 + 4 + 2 * hidden))
 
 
 @pytest.mark.parametrize("mode", [None, False])

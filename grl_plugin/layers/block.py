@@ -129,112 +129,24 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _lean_autograd(x: torch.Tensor, module: nn.Module, *dropouts: nn.Dropout) -> bool:
-    """Whether a hand-written autograd function (:class:`_LeanMlp`, :class:`_LinearNorm`) may
-    stand in for ``module``'s plain layers: a forward that records gradients, with its
-    ``dropouts`` inactive, outside autocast and tracing (which see the plain layers)."""
+def _recompute(x: torch.Tensor, module: nn.Module, large_attention: bool, *dropouts: nn.Dropout) -> bool:
+    """Whether ``module``'s layers (and the post-norm after them) run under activation
+    checkpointing, so that only their input is kept for the backward: a forward that records
+    gradients, with its ``dropouts`` inactive, outside autocast and tracing, unless
+    :func:`~.attention.keep_mlp_hidden` says keep."""
     return (torch.is_grad_enabled() and (not module.training or all(d.p == 0 for d in dropouts))
-            and not torch.is_autocast_enabled(x.device.type) and not _tracing())
-
-
-def _norm_args(norm: Optional[nn.Module]):
-    """(eps, weight, bias) of a LayerNorm over the last dim that a lean function can apply
-    itself, else ``None`` (no norm, or one the caller applies as a module)."""
-    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
-        return norm.eps, norm.weight, norm.bias
-    return None
-
-
-def _norm_forward(y: torch.Tensor, norm):
-    """LayerNorm of ``y`` (``norm`` from :func:`_norm_args`) and the mean and 1/std it keeps."""
-    eps, weight, bias = norm
-    return torch.native_layer_norm(y, (y.shape[-1],), weight, bias, eps)
-
-
-def _norm_backward(d_out, y, mean, rstd, weight, bias, need_weight, need_bias):
-    """Gradients (input, weight, bias) of :func:`_norm_forward` (``None`` where not asked for)."""
-    return torch.ops.aten.native_layer_norm_backward(
-        d_out, y, [y.shape[-1]], mean, rstd, weight, bias,
-        [True, need_weight and weight is not None, need_bias and bias is not None])
-
-
-def _linear_grads(d_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool, need_weight: bool,
-                  need_bias: bool):
-    """Gradients (x, weight, bias) of ``F.linear(x, weight, bias)`` for ``d_out``; ``None`` where
-    not asked for."""
-    d_2d = d_out.reshape(-1, d_out.shape[-1])
-    return (torch.matmul(d_out, weight) if need_x else None,
-            d_2d.t().mm(x.reshape(-1, x.shape[-1])) if need_weight else None,
-            d_2d.sum(0) if need_bias else None)
-
-
-class _LinearNorm(torch.autograd.Function):
-    """``layer_norm(linear(x, w, b))`` (the attention's output projection and the block's
-    post-norm) keeping for the backward what the product's backward needs anyway (x) and the
-    norm's row statistics, not the product's output that the norm would keep: the backward
-    recomputes it (one more product)."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, eps, norm_weight, norm_bias):
-        out, mean, rstd = _norm_forward(F.linear(x, w, b), (eps, norm_weight, norm_bias))
-        ctx.save_for_backward(x, w, b, norm_weight, norm_bias, mean, rstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        x, w, b, nw, nb, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b, _, need_nw, need_nb = ctx.needs_input_grad
-        d_y, d_nw, d_nb = _norm_backward(d_out, F.linear(x, w, b), mean, rstd, nw, nb, need_nw, need_nb)
-        d_x, d_w, d_b = _linear_grads(d_y, x, w, need_x, need_w, need_b and b is not None)
-        return d_x, d_w, d_b, None, d_nw, d_nb
-
-
-class _LeanMlp(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) for autograd, keeping less than autograd would (x, fc1's output h
-    and gelu(h)): x and h, the backward recomputing gelu(h) (one elementwise pass), or with
-    ``recompute_hidden`` x only, the backward recomputing h too (one more product). With
-    ``norm_eps`` (not ``None``), the block's post-norm follows fc2 inside: the norm's input
-    (fc2's output) is not kept either but recomputed (one more product)."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, recompute_hidden=False, norm_eps=None, norm_weight=None,
-                norm_bias=None):
-        h = F.linear(x, w1, b1)
-        out = F.linear(F.gelu(h), w2, b2)
-        mean = rstd = None
-        if norm_eps is not None:
-            out, mean, rstd = _norm_forward(out, (norm_eps, norm_weight, norm_bias))
-        ctx.save_for_backward(x, None if recompute_hidden else h, w1, b1, w2, b2, norm_weight,
-                              norm_bias, mean, rstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        x, h, w1, b1, w2, b2, nw, nb, mean, rstd = ctx.saved_tensors
-        if h is None:
-            h = F.linear(x, w1, b1)
-        needs = ctx.needs_input_grad + (False,) * (9 - len(ctx.needs_input_grad))  # (norm args left out)
-        need_x, need_w1, need_b1, need_w2, need_b2, _, _, need_nw, need_nb = needs
-        g = F.gelu(h)
-        d_nw = d_nb = None
-        if mean is not None:  # the post-norm inside
-            d_out, d_nw, d_nb = _norm_backward(d_out, F.linear(g, w2, b2), mean, rstd, nw, nb, need_nw, need_nb)
-        d_g, d_w2, d_b2 = _linear_grads(d_out, g, w2, True, need_w2, need_b2 and b2 is not None)
-        del g
-        d_h = torch.ops.aten.gelu_backward(d_g, h)
-        del h, d_g
-        d_x, d_w1, d_b1 = _linear_grads(d_h, x, w1, need_x, need_w1, need_b1 and b1 is not None)
-        return d_x, d_w1, d_b1, d_w2, d_b2, None, None, d_nw, d_nb
+            and not torch.is_autocast_enabled(x.device.type) and not _tracing()
+            and not keep_mlp_hidden(large_attention, module.lean_backward))
 
 
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``).
 
-    ``lean`` (default, the fast path): in
-    training without dropout or autocast :class:`_LeanMlp` keeps only the input for the
-    backward (recomputing fc1 and the GELU there), or with ``lean_backward=False`` the
-    input and fc1's output (recomputing the GELU); same outputs and gradients. ``forward(x,
-    norm)`` applies a block's post-norm after fc2, there recomputing the norm's input too. Stored as
+    ``lean`` (default, the fast path): in training without dropout or autocast the MLP (and the
+    block's post-norm after it, ``forward(x, norm)``) keeps only its input for the backward and
+    recomputes the rest there (``torch.utils.checkpoint``), unless ``lean_backward=False`` or
+    the block's attention recomputes its probabilities (:func:`~.attention.keep_mlp_hidden`);
+    same outputs and gradients. Stored as
     ``attn_impl`` (``"reference"`` when not lean), the attribute ``GRL.set_attn_impl`` switches
     on every module: the reference path of :class:`GRLBlock` turns it off.
     """
@@ -259,17 +171,12 @@ class Mlp(nn.Module):
         the hidden layer and the norm's input are recomputed in the backward instead of kept,
         unless :func:`~.attention.keep_mlp_hidden` says keep (``large_attention``: the block's
         attention recomputes its probabilities)."""
-        if not self.lean:
-            y = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-            return y if norm is None else norm(y)
-        if _lean_autograd(x, self, self.drop1, self.drop2):
-            keep = keep_mlp_hidden(large_attention, self.lean_backward)
-            fused = None if keep else _norm_args(norm)
-            y = _LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, not keep,
-                               *((None, None, None) if fused is None else fused))
-            return y if norm is None or fused is not None else norm(y)
-        h = self.drop1(F.gelu(F.linear(x, self.fc1.weight, self.fc1.bias)))
-        y = self.drop2(F.linear(h, self.fc2.weight, self.fc2.bias))
+        if self.lean and _recompute(x, self, large_attention, self.drop1, self.drop2):
+            return checkpoint(self._layers, x, norm, use_reentrant=False)
+        return self._layers(x, norm)
+
+    def _layers(self, x: torch.Tensor, norm: Optional[nn.Module]) -> torch.Tensor:
+        y = self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
         return y if norm is None else norm(y)
 
 
@@ -392,9 +299,9 @@ class MixedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, x_size: Tuple[int, int],
                 geom: Optional[GRLGeometry] = None, norm: Optional[nn.Module] = None) -> torch.Tensor:
-        """The attention output ``proj(...)``, or ``norm(proj(...))`` (a block's post-norm:
-        on the fast path in training, the norm's input is recomputed in the backward instead
-        of kept, unless ``lean_backward`` is False)."""
+        """The attention output ``proj(...)``, or ``norm(proj(...))`` (a block's post-norm: on the
+        fast path in training the projection and the norm are recomputed in the backward, their
+        input kept, as in :class:`Mlp`)."""
         if geom is None:
             geom = self.geometry(x_size, x.device)
         stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
@@ -416,11 +323,12 @@ class MixedAttention(nn.Module):
             y = qkv_window.new_empty(x.shape)  # (autocast: the projections' dtype)
             self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
             self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
-        fused = _norm_args(norm)
-        if (fused is not None and not keep_mlp_hidden(self.large_attention, self.lean_backward)
-                and _lean_autograd(x, self, self.proj_drop)):
-            return _LinearNorm.apply(y, self.proj.weight, self.proj.bias, *fused)
-        y = self.proj_drop(F.linear(y, self.proj.weight, self.proj.bias))
+        if norm is not None and _recompute(x, self, self.large_attention, self.proj_drop):
+            return checkpoint(self._project, y, norm, use_reentrant=False)  # keeps y only
+        return self._project(y, norm)
+
+    def _project(self, y: torch.Tensor, norm: Optional[nn.Module]) -> torch.Tensor:
+        y = self.proj_drop(self.proj(y))
         return y if norm is None else norm(y)
 
 

@@ -143,16 +143,16 @@ class AnchorStripeAttention(nn.Module):
                                     self.lean_backward)
 
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
-            (order, inverse), (a_order, a_inverse) = geom.orders[int(masked)], geom.anchor_orders[int(masked)]
-            qkv = partition_heads(permute_tokens(qkv, order, inverse), stripe[0] * stripe[1], 3, self.num_heads)
+            (order, inverse), (a_order, _) = geom.orders[int(masked)], geom.anchor_orders[int(masked)]
+            qkv = partition_heads(permute_tokens(qkv, order), stripe[0] * stripe[1], 3, self.num_heads)
             # normalised once: q (scaled for stage 2) and k with one pass, the anchors (keys of
             # stage 2, and scaled the queries of stage 1)
             q, k, v = normalize_qkv(qkv, self.attn_transform2.scale())
-            anchor = permute_tokens(anchor.reshape(B, -1, anchor.shape[-1]), a_order, a_inverse)
+            anchor = permute_tokens(anchor.reshape(B, -1, anchor.shape[-1]), a_order)
             a = F.normalize(partition_heads(anchor, anchor_stripe[0] * anchor_stripe[1], 1, self.num_heads)[:, :, 0],
                             dim=-1).transpose(1, 2)
             y = attend(q, k, v, a, a * self.attn_transform1.scale().to(a.dtype), True)
-            return permute_tokens(merge_heads(y, B), inverse, order, out)
+            return permute_tokens(merge_heads(y, B), inverse, out)
         # the official steps: roll, partition, attention, reverse, roll back
         qkv = qkv.view(B, H, W, -1)
         if any(shift):

@@ -12,13 +12,10 @@ What it computes is the reference's softmax(cos(q, k) * scale + bias + mask) @ v
   (:func:`~..bias.reversed_keys`): no (heads, N1, N2) bias kept per module.
 * **eval, large windows and stripes beyond the bias cache's budget**: :func:`_grouped_flash`,
   the fused kernel reading the bias as runs of table cells (keys reversed), no bias tensor.
-* **eval, few keys** (fewer than :data:`_CPU_FUSED_MIN_KEYS`, e.g. 8x8 windows' stripe anchors):
-  explicit logits with an in-place softmax.
-* **otherwise**: the fused kernel (:func:`~.sdpa.run`), with head dims padded to the widths it
-  runs fastest (:func:`_cpu_head_pad`).
+* **otherwise**: the fused kernel (:func:`~.sdpa.run`).
 
 The softmax here floors probabilities at 1e-20 (masked pairs would otherwise give subnormal
-floats, on which x86 CPUs compute many times slower) and takes exp as exp2.
+floats, on which x86 CPUs compute many times slower).
 """
 from __future__ import annotations
 
@@ -30,17 +27,11 @@ import torch
 from ..bias import gather_bias, reversed_keys, strided_bias
 from . import sdpa
 
-#: Below this many keys per query, explicit logits + softmax beat the fused CPU kernel.
-_CPU_FUSED_MIN_KEYS = 65
 #: Bytes of logits the CPU backward handles at a time (blocks that stay in the cache).
 _BACKWARD_BLOCK_BYTES = 8 * 2 ** 20
-#: Zero columns q, k, v may get up to the next multiple of 16, the fused kernel's fastest widths.
-_CPU_HEAD_PAD_MAX = 4
 #: The fused CPU kernel behind SDPA, called directly for its row log-sum-exp (None if absent).
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _LOG_FLOOR = math.log(1e-20)  # probabilities are floored at 1e-20 (no subnormal floats)
-_LOG2E = 1.0 / math.log(2.0)  # exp(x) = exp2(x * log2 e)
-_LOG2_FLOOR = _LOG_FLOOR * _LOG2E
 
 
 def attention(q, k, v, transform, table, index, mask, lean_backward: Optional[bool] = None):
@@ -65,14 +56,12 @@ def attention(q, k, v, transform, table, index, mask, lean_backward: Optional[bo
                 bias = None  # (a mask that does not factor: the plain bias, below)
         if bias is None:
             bias, mask = sdpa.bias_and_mask(transform, table, index, mask, q.dtype)
-    if k.shape[-2] < _CPU_FUSED_MIN_KEYS and not (torch.is_grad_enabled() and bias.requires_grad):
-        return torch.matmul(_softmax_(_logits_(q, k, bias, mask)), v)
     return _fused(q, k, v, bias, mask)
 
 
 def _fused(q, k, v, bias, mask):
-    """The fused kernel behind SDPA with bias (+ mask), head dims padded as :func:`_cpu_head_pad` says."""
-    return sdpa.run(q, k, v, bias, mask, sdpa._sdpa_kernel, _cpu_head_pad)[0]
+    """The fused kernel behind SDPA with bias (+ mask)."""
+    return sdpa.run(q, k, v, bias, mask, sdpa._sdpa_kernel)[0]
 
 
 def _keep_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lean_backward: Optional[bool]) -> bool:
@@ -108,7 +97,7 @@ def _grouped_flash(q, k, v, bias, mask) -> Optional[torch.Tensor]:
     width = d + (0 if factors is None else factors[0].shape[-1])
     if dv > width:
         return None
-    q, k, v = sdpa.widen(q, k, v, factors, _cpu_head_pad(width))
+    q, k, v = sdpa.widen(q, k, v, factors, 0)
     d = q.shape[-1]
     attn_mask = bias.as_strided((heads, qx, qy, n2), (qx * rows * kx, rows * kx, kx, 1))
     out = q.new_empty(n, heads, qy, qx, dv)
@@ -176,13 +165,13 @@ def _block_rows(row_bytes: int, rows: int, multiple: int = 16) -> int:
 
 def _softmax_(s: torch.Tensor) -> torch.Tensor:
     """In-place softmax over the last dim with the 1e-20 floor (see ``_LOG_FLOOR``)."""
-    s.sub_(s.amax(-1, keepdim=True)).mul_(_LOG2E).clamp_min_(_LOG2_FLOOR).exp2_()
+    s.sub_(s.amax(-1, keepdim=True)).clamp_min_(_LOG_FLOOR).exp_()
     return s.div_(s.sum(-1, keepdim=True))
 
 
 def _probs_(s: torch.Tensor) -> torch.Tensor:
     """exp(s) in place with the 1e-20 floor, for logits that already include -lse."""
-    return s.mul_(_LOG2E).clamp_min_(_LOG2_FLOOR).exp2_()
+    return s.clamp_min_(_LOG_FLOOR).exp_()
 
 
 class _LeanAttention(torch.autograd.Function):
@@ -370,14 +359,7 @@ def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -
     return acc
 
 
-def _cpu_head_pad(width: int) -> int:
-    """Zero columns the fused CPU kernel's operands of head dim ``width`` get (``_CPU_HEAD_PAD_MAX``)."""
-    extra = -width % 16
-    return extra if extra <= _CPU_HEAD_PAD_MAX else 0
-
-
 def _fused_with_lse(q, k, v, bias, mask):
     """The fused CPU kernel behind SDPA, which also returns the rows' log-sum-exp:
     (output (B*nW, heads, N1, dv), lse (B*nW, heads, N1))."""
-    return sdpa.run(q, k, v, bias, mask, lambda qs, ks, vs, m: _FLASH_CPU(qs, ks, vs, 0.0, False, attn_mask=m, scale=1.0),
-                    _cpu_head_pad)
+    return sdpa.run(q, k, v, bias, mask, lambda qs, ks, vs, m: _FLASH_CPU(qs, ks, vs, 0.0, False, attn_mask=m, scale=1.0))
