@@ -43,6 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from grl_plugin.cli.common import ArgumentParser, Interrupted, exits_on_interrupt, write_atomic
+# the x8 self-ensemble (shared with GRLModel's val.self_ensemble); still importable from here
+from grl_plugin.tiling import ENSEMBLE, self_ensemble, transform, untransform  # noqa: F401
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm')
 #: Keys of the task table that the size preset (T/S/B) decides; weights decide them too.
@@ -313,27 +315,6 @@ def _metrics(out: np.ndarray, ref: np.ndarray, crop: int) -> Tuple[float, float]
 
 
 # ------------------------------------------------------------------------------------ running
-#: The x8 self-ensemble: transform ``k`` (0..7) flips left-right when ``k & 4``, then turns the
-#: image ``k & 3`` quarter turns; :func:`untransform` undoes it on the output.
-ENSEMBLE = tuple(range(8))
-
-
-def transform(x, k: int):
-    """Dihedral transform ``k`` of an (..., H, W) tensor: optional left-right flip, then rotation."""
-    import torch
-    if k & 4:
-        x = torch.flip(x, dims=(-1, ))
-    return torch.rot90(x, k & 3, dims=(-2, -1)) if k & 3 else x
-
-
-def untransform(y, k: int):
-    """Inverse of :func:`transform`: rotation undone first, then the flip."""
-    import torch
-    if k & 3:
-        y = torch.rot90(y, -(k & 3), dims=(-2, -1))
-    return torch.flip(y, dims=(-1, )) if k & 4 else y
-
-
 class Restorer:
     """Model + device + precision + tiling (+ x8 self-ensemble); ``restore(img)`` maps a float
     HxWxC image to the output."""
@@ -359,14 +340,8 @@ class Restorer:
         autocast = (torch.autocast(device_type=self.device.type, dtype=self.dtype) if self.dtype is not None
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
-            if not self.ensemble:
-                y = self._tiled(x).float()
-            else:  # mean of the 8 outputs, each turned back to the input's orientation
-                y = None
-                for k in ENSEMBLE:
-                    yk = untransform(self._tiled(transform(x, k).contiguous()), k).float()
-                    y = yk if y is None else y + yk
-                y = y / len(ENSEMBLE)
+            # x8: mean of the 8 outputs, each turned back to the input's orientation
+            y = self_ensemble(self._tiled, x) if self.ensemble else self._tiled(x).float()
         return y[0].clamp_(0, 1).permute(1, 2, 0).cpu().numpy()
 
     def _tiled(self, x):

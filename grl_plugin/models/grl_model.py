@@ -14,6 +14,7 @@ Option keys on top of SRModel's (all optional)::
     val:
       tile: {size: 256, overlap: 32, blend: linear}   # tiled validation/test (size 0: whole image)
       amp: none               # autocast during validation too
+      self_ensemble: false    # true: x8 self-ensemble (the 8 flips/rotations restored, turned back, averaged)
     path:
       pretrain_network_g: sr_grl_tiny_c3x4.ckpt      # official .ckpt, BasicSR .pth or .safetensors
       trust_checkpoint: false # true: full (unsafe) unpickle of files the safe reader refuses
@@ -64,7 +65,7 @@ from tqdm import tqdm
 from ..archs.checkpoint import CheckpointError, CheckpointWarning, check_fit, load_checkpoint, torch_load
 from ..archs.grl_arch import GRL
 from ..layers import compile_blocks, configure
-from ..tiling import tiled_forward
+from ..tiling import self_ensemble, tiled_forward
 from .checkpoint_io import save_checkpoint_file, trust_checkpoint
 from .exact_resume import get_rng_state, resume_progress, set_rng_state, training_progress
 
@@ -97,6 +98,13 @@ def _lean_backward(value):
         return value
     raise ValueError(f"train.lean_backward must be true (least memory: recompute all attention probabilities), "
                      f"false (keep them, the MLP hidden layers and the post-norm inputs: fastest) or null (automatic), "
+                     f"got {value!r}")
+
+
+def _self_ensemble(value):
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"val.self_ensemble must be true (x8 self-ensemble: flips and rotations averaged) or false, "
                      f"got {value!r}")
 
 
@@ -379,11 +387,16 @@ class GRLModel(SRModel):
         tile = self._tile_options()
         val_opt = self.opt.get("val") or {}
         dtype = _amp_dtype(val_opt.get("amp"), self.device, "val.amp")
+        ensemble = _self_ensemble(val_opt.get("self_ensemble", False))
+
+        def restore(x):
+            return tiled_forward(net, x, tile.get("size"), tile.get("overlap", 0),
+                                 scale=int(self.opt.get("scale", 1)), multiple=getattr(net, "pad_size", 1),
+                                 blend=tile.get("blend", "linear"))
+
         with torch.no_grad(), self._autocast(dtype):
-            self.output = tiled_forward(
-                net, self.lq, tile.get("size"), tile.get("overlap", 0),
-                scale=int(self.opt.get("scale", 1)), multiple=getattr(net, "pad_size", 1),
-                blend=tile.get("blend", "linear")).float()
+            # x8 self-ensemble: the helper grl-infer --ensemble uses (grl_plugin.tiling.self_ensemble)
+            self.output = self_ensemble(restore, self.lq) if ensemble else restore(self.lq).float()
         if was_training:
             net.train()
 
