@@ -182,13 +182,16 @@ class GRLModel(SRModel):
 
     def save_network(self, net, net_label, current_iter, param_key="params"):
         """BasicSR's ``models/<net_label>_<iter>.pth`` (the same keys, ``module.`` prefixes removed,
-        the state dicts' ``_metadata`` kept), written atomically by rank 0."""
+        the state dicts' ``_metadata`` kept), written atomically by rank 0. A GRL network's file
+        also holds ``grl_kwargs``: its constructor kwargs (plain values, ``GRL.init_kwargs``), so
+        :func:`~grl_plugin.archs.checkpoint.load_checkpoint` and the CLIs rebuild it from the file
+        alone; BasicSR's loaders read only ``params`` / ``params_ema`` and ignore it."""
         if self._rank_world()[0] != 0:
             return
         nets = net if isinstance(net, list) else [net]
         keys = param_key if isinstance(param_key, list) else [param_key]
         assert len(nets) == len(keys), "The lengths of net and param_key should be the same."
-        save_dict = {}
+        save_dict, grl_kwargs = {}, None
         for net_, key in zip(nets, keys):
             state_dict = self.get_bare_model(net_).state_dict()
             clean = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v.cpu())
@@ -196,6 +199,11 @@ class GRLModel(SRModel):
             if hasattr(state_dict, "_metadata"):
                 clean._metadata = state_dict._metadata
             save_dict[key] = clean
+            bare = self.get_bare_model(net_)
+            if isinstance(bare, GRL) and grl_kwargs is None and isinstance(getattr(bare, "init_kwargs", None), dict):
+                grl_kwargs = dict(bare.init_kwargs)
+        if grl_kwargs is not None:
+            save_dict["grl_kwargs"] = grl_kwargs
         label = "latest" if current_iter == -1 else current_iter
         save_checkpoint_file(save_dict, osp.join(self.opt["path"]["models"], f"{net_label}_{label}.pth"), "model")
 
