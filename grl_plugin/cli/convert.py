@@ -67,7 +67,8 @@ def convert(args: argparse.Namespace) -> str:
     """Run the conversion; returns the summary text."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        sd, kwargs, src = open_checkpoint(args.src, trust=args.trust, key=args.key, prog='grl-convert')
+        sd, kwargs, src = open_checkpoint(args.src, trust=args.trust, key=args.key, prog='grl-convert',
+                                          require_geometry=False)
     for w in caught:  # missing geometry is checked below, after --set
         if 'not stored in the file' not in str(w.message):
             print(f'grl-convert: warning: {w.message}', file=sys.stderr)

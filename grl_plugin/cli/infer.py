@@ -175,7 +175,7 @@ def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
-            sd, ckpt_kwargs, ckpt = open_checkpoint(args.checkpoint, trust=args.trust,
+            sd, ckpt_kwargs, ckpt = open_checkpoint(args.checkpoint, trust=args.trust, require_geometry=False,
                                                     quiet=getattr(args, 'quiet', False), prog=prog)
     except CheckpointError as err:
         raise InferError(_one_line(err)) from None

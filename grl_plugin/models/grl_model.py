@@ -152,7 +152,7 @@ class GRLModel(SRModel):
         if isinstance(bare, GRL):
             with warnings.catch_warnings():  # geometry not stored in the file: network_g gives it
                 warnings.simplefilter("ignore", CheckpointWarning)
-                state_dict, kwargs = load_checkpoint(load_path, key=param_key, trust=trust)
+                state_dict, kwargs = load_checkpoint(load_path, key=param_key, trust=trust, require_geometry=False)
             logger.info(f"Loading GRL weights from {load_path} ({kwargs.format}).")
             for name in ("window_size", "stripe_size", "stripe_groups", "anchor_window_down_factor"):
                 if name in kwargs and kwargs.origin.get(name) != "assumed" and \
