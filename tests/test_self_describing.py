@@ -229,6 +229,12 @@ def test_self_ensemble_in_grl_model_test(trained, tmp_path, tile):
     expected = _hand_ensemble(net, model.lq, tile, 2 if tile else 0)
     assert model.output.shape == expected.shape == (1, 3, 32, 32)
     assert torch.allclose(model.output, expected, atol=1e-6)
+    model.lq = model.lq[..., :12].contiguous()  # not square: the quarter turns swap the sides
+    model.test()
+    wide = _hand_ensemble(net, model.lq, tile, 2 if tile else 0)
+    assert model.output.shape == wide.shape == (1, 3, 32, 24)
+    assert torch.allclose(model.output, wide, atol=1e-6)
+    model.feed_data(batch)
     model.opt['val']['self_ensemble'] = False
     model.test()
     plain = model.output
@@ -253,6 +259,19 @@ def test_self_ensemble_option_is_checked(trained, tmp_path):
     opt['val']['self_ensembel'] = opt['val'].pop('self_ensemble')  # a misspelling of the known key
     assert any('self_ensemble' in p.message for p in validate_options(opt, 'test', paths=False)
                if p.key == 'val.self_ensembel')
+
+
+def test_stored_geometry_is_checked_before_use(trained, tmp_path, capsys):
+    """A file whose grl_kwargs hold a geometry GRL cannot run with: one line, nothing written."""
+    stored = torch.load(trained['ckpt'], weights_only=True)
+    bad = tmp_path / 'bad.pth'
+    torch.save({'params': stored['params'], 'grl_kwargs': dict(stored['grl_kwargs'], window_size=0)}, bad)
+    line = one_error(*run_infer(['--checkpoint', bad, '--input', trained['img'], '--output', tmp_path / 'o'],
+                                capsys))
+    assert 'bad.pth' in line and 'window_size=0' in line and not (tmp_path / 'o').exists()
+    assert convert.main([str(bad), str(tmp_path / 'c.pth')]) == 2
+    line = one_error(2, capsys.readouterr().err, 'grl-convert')
+    assert 'window_size=0' in line and not (tmp_path / 'c.pth').exists()
 
 
 def test_grl_model_loads_bare_weights_with_geometry_from_network_g(trained, tmp_path):

@@ -7,6 +7,7 @@ which are computed on the fly and cached per size and device), same outputs.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Type
 
 import torch
@@ -232,8 +233,10 @@ def _plain(value):
     """``value`` as JSON-able python (tuples as lists), or ``_NOT_PLAIN``."""
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, (int, float)):
-        return int(value) if isinstance(value, int) else float(value)
+    if isinstance(value, numbers.Integral):  # numpy integers too
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
     if isinstance(value, (list, tuple)):
         items = [_plain(v) for v in value]
         return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items

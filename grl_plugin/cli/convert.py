@@ -90,6 +90,10 @@ def convert(args: argparse.Namespace) -> str:
     if missing:
         raise CheckpointError(f'{src}: {", ".join(missing)} not stored in the file; pass them with --set '
                               'KEY=VALUE (e.g. --set window_size=32 --set "stripe_size=[64, 64]")')
+    from grl_plugin.cli.validate import check_network  # a stored or --set geometry GRL cannot run with
+    problems = check_network(dict(kwargs, type='GRL'), prefix='kwargs', shape_keys=False)
+    if problems:
+        raise CheckpointError(problems[0].format(src))
     from grl_plugin.archs.grl_arch import GRL  # lazy: heavy import, only needed for the check
     try:
         model = GRL(**kwargs)

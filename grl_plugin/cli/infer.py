@@ -222,6 +222,10 @@ def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
                                    force=getattr(args, 'force', False))
     for kind, note in notes:
         print(f'{prog}: {kind}: {note}', file=sys.stderr)
+    from grl_plugin.cli.validate import check_network  # geometry stored in a file is checked as --opt's is
+    problems = check_network(dict(kwargs, type='GRL'), prefix='kwargs', shape_keys=False)
+    if problems:
+        raise InferError(problems[0].format(ckpt))
     try:
         model = GRL(**kwargs)
     except Exception as err:  # bad values in the option file
