@@ -77,9 +77,9 @@ def convert(args: argparse.Namespace) -> str:
     for w in caught:  # missing geometry is checked below, after --set
         if 'not stored in the file' not in str(w.message):
             print(f'grl-convert: warning: {w.message}', file=sys.stderr)
-    stored = ('config', 'metadata', 'sidecar', 'buffers')
+    stored = ('config', 'metadata', 'sidecar', 'buffers')  # what the file itself records
     for key, value in _parse_set(args.overrides).items():
-        if key in GEOMETRY_KEYS and key in kwargs and kwargs.origin.get(key) in stored and not _same(value, kwargs[key]):
+        if key in GEOMETRY_KEYS and kwargs.origin.get(key) in stored and not _same(value, kwargs.get(key)):
             if not getattr(args, 'force', False):
                 raise CheckpointError(f'{src}: --set {key}={value!r} but the file stores {key}={kwargs[key]!r}; '
                                       'leave it out or add --force to use the given value')
