@@ -101,7 +101,7 @@ def test_load_checkpoint_reads_the_kwargs(trained):
         warnings.simplefilter('error')  # nothing missing, nothing contradicting
         sd, kwargs = load_checkpoint(trained['ckpt'])
     assert kwargs.missing == [] and kwargs.format == 'basicsr (params_ema)'
-    assert kwargs.origin['window_size'] == kwargs.origin['embed_dim'] == 'metadata'
+    assert kwargs.origin['window_size'] == 'metadata' and kwargs.origin['embed_dim'] == 'weights'
     want = {k: v for k, v in tiny_grl(2).items() if k != 'type'}
     assert {k: kwargs[k] for k in want} == want
     ema = trained['model'].net_g_ema
@@ -171,6 +171,11 @@ def test_infer_contradicting_geometry_is_an_error_unless_force(trained, tmp_path
     assert rc == 0, err
     assert 'grl-infer: warning: using window_size=8 from --opt other.yml (the checkpoint stores 4)' in err
     assert 'window 8,' in err
+    # --task with --force: its geometry, but the shapes (embed_dim, depths, head...) stay the weights'
+    rc, err = run_infer(base + ['--task', 'sr', '--scale', '2', '--output', tmp_path / 't', '--force'], capsys)
+    assert rc == 0, err
+    assert 'warning: using window_size=32 from --task sr' in err and 'window 32,' in err
+    assert 'embed_dim' not in err and 'upsampler' not in err
     rc, err = run_infer(base + ['--output', tmp_path / 'plain'], capsys)
     assert rc == 0, err
     forced = cv2.imread(str(tmp_path / 'f' / 'lq_grl.png'))

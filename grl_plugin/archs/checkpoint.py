@@ -472,7 +472,8 @@ def _same(a: Any, b: Any) -> bool:
 def _merge_kwargs(path: Path, fmt: str, sd: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
                   config: Optional[Mapping[str, Any]], source: str) -> ModelKwargs:
     """Weights-inferred kwargs, then buffer geometry, then the stored config (which wins except
-    where it contradicts the weights: then a warning and the weights' value)."""
+    where it contradicts the weights: then a warning and the weights' value). Keys the weights
+    determine keep origin 'weights' even where the config agrees."""
     kwargs = ModelKwargs(format=fmt)
     inferred = infer_kwargs(sd)
     geometry = infer_geometry({k: tuple(v.shape) for k, v in buffers.items()}) or {}
@@ -488,6 +489,8 @@ def _merge_kwargs(path: Path, fmt: str, sd: Mapping[str, torch.Tensor], buffers:
         if (name in inferred or name == 'out_channels') and not _same(wanted, effective.get(name)):
             warnings.warn(f'{path}: {source} says {name}={value!r} but the weights need {effective.get(name)!r}; '
                           'using the weights', CheckpointWarning, stacklevel=3)
+            continue
+        if name in inferred:  # agrees with the weights, which fix it: origin 'weights' (never overridden)
             continue
         kwargs[name], kwargs.origin[name] = value, source
     kwargs.missing = [k for k in GEOMETRY_KEYS if k not in kwargs]
