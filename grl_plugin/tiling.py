@@ -7,6 +7,10 @@ inside the image. ``blend="linear"`` (default) ramps tile weights across the ove
 seams disappear; ``blend="uniform"`` averages overlapping predictions with equal weights, as
 the official code does. When one tile covers the image the network runs once on the whole
 image, so the result is exactly the untiled one.
+
+:func:`self_ensemble` is the x8 self-ensemble (``grl-infer --ensemble``, ``val.self_ensemble``
+of :class:`grl_plugin.models.GRLModel`): the 8 flips/rotations of the input, each restored and
+turned back (:func:`transform` / :func:`untransform`), averaged.
 """
 from __future__ import annotations
 
@@ -15,6 +19,32 @@ from typing import Callable, List, Optional
 import torch
 
 BLENDS = ("linear", "uniform")
+#: The x8 self-ensemble: transform ``k`` (0..7) flips left-right when ``k & 4``, then turns the
+#: image ``k & 3`` quarter turns; :func:`untransform` undoes it on the output.
+ENSEMBLE = tuple(range(8))
+
+
+def transform(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Dihedral transform ``k`` of an (..., H, W) tensor: optional left-right flip, then rotation."""
+    if k & 4:
+        x = torch.flip(x, dims=(-1, ))
+    return torch.rot90(x, k & 3, dims=(-2, -1)) if k & 3 else x
+
+
+def untransform(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`transform`: rotation undone first, then the flip."""
+    if k & 3:
+        y = torch.rot90(y, -(k & 3), dims=(-2, -1))
+    return torch.flip(y, dims=(-1, )) if k & 4 else y
+
+
+def self_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Mean (float32) of ``untransform(fn(transform(x, k)), k)`` over the 8 transforms ``k``."""
+    total = None
+    for k in ENSEMBLE:
+        y = untransform(fn(transform(x, k).contiguous()), k).float()
+        total = y if total is None else total + y
+    return total / len(ENSEMBLE)
 
 
 def tile_origins(length: int, tile: int, stride: int) -> List[int]:

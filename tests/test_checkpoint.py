@@ -20,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+import grl_plugin
+
 from grl_plugin.archs.checkpoint import (BUFFER_KEYS, GEOMETRY_KEYS, CheckpointError, CheckpointWarning,
                                          infer_geometry, infer_kwargs, load_checkpoint, save_converted)
 from grl_plugin.cli.convert import main as convert_main
@@ -286,17 +288,61 @@ def test_bare_state_dict_with_buffers_infers_everything(GRL, tmp_path):
 
 
 def test_bare_state_dict_without_geometry(GRL, tmp_path):
+    """No geometry in the file: an error by default (never GRL's default window/stripe sizes);
+    ``require_geometry=False`` opts in to a warning and ``kwargs.missing``."""
     model = make_model(GRL)
     path = tmp_path / 'weights_only.pth'
     torch.save(model.state_dict(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # an error, not a warning first
+        with pytest.raises(CheckpointError, match='weights_only.pth: window_size, stripe_size') as info:
+            load_checkpoint(path)
+    _assert_one_line(info, path)
+    assert 'geometry=' in str(info.value) and 'require_geometry=False' in str(info.value)
+    with pytest.raises(CheckpointError, match='window_size'):  # the package-level name is the same function
+        grl_plugin.load_checkpoint(path)
     with pytest.warns(CheckpointWarning) as record:
-        sd, kwargs = load_checkpoint(path)
+        sd, kwargs = load_checkpoint(path, require_geometry=False)
     msg = str(record[0].message)
     assert str(path) in msg and 'window_size' in msg and 'stripe_size' in msg and '\n' not in msg
     assert kwargs.missing == list(GEOMETRY_KEYS) and not set(GEOMETRY_KEYS) & set(kwargs)
     check_same_outputs(GRL, model, sd, dict(kwargs, **GEOMETRY))
-    with pytest.raises(CheckpointError, match='weights_only.pth: window_size'):
-        load_checkpoint(path, require_geometry=True)
+
+
+def test_geometry_given_to_load_checkpoint(GRL, tmp_path):
+    """``geometry=`` fills what the file lacks (origin 'given'); part of it still raises, naming
+    only what is left; a value contradicting the file is a one-line error."""
+    model = make_model(GRL)
+    path = tmp_path / 'weights_only.pth'
+    torch.save(model.state_dict(), path)
+    sd, kwargs = load_quiet(path, geometry=GEOMETRY)
+    assert kwargs.missing == [] and all(kwargs.origin[k] == 'given' for k in GEOMETRY)
+    check_same_outputs(GRL, model, sd, kwargs)
+    with pytest.raises(CheckpointError, match=r'weights_only.pth: stripe_groups, stripe_shift not stored') as info:
+        load_checkpoint(path, geometry={k: GEOMETRY[k] for k in ('window_size', 'stripe_size',
+                                                                 'anchor_window_down_factor')})
+    _assert_one_line(info, path)
+    with pytest.raises(CheckpointError, match=r'geometry= gives embed_dim=32 but the file \(weights\) stores '
+                                              r'embed_dim=16') as info:
+        load_checkpoint(path, geometry=dict(GEOMETRY, embed_dim=32))
+    _assert_one_line(info, path)
+    with pytest.raises(CheckpointError, match="geometry= key 'window' is not a GRL argument"):
+        load_checkpoint(path, geometry=dict(GEOMETRY, window=4))
+    with pytest.raises(CheckpointError, match='geometry= must be a mapping'):
+        load_checkpoint(path, geometry=[('window_size', 4)])
+    # a file that stores its geometry: an equal value is fine, a different one is an error
+    stored = tmp_path / 'stored.pth'
+    torch.save({'params': model.state_dict(), 'grl_kwargs': dict(TINY)}, stored)
+    assert load_quiet(stored, geometry={'window_size': 4})[1].origin['window_size'] == 'metadata'
+    with pytest.raises(CheckpointError, match=r'geometry= gives window_size=8 but the file \(metadata\) stores '
+                                              r'window_size=4') as info:
+        load_checkpoint(stored, geometry={'window_size': 8})
+    _assert_one_line(info, stored)
+    # a malformed grl_kwargs entry is named
+    torch.save({'params': model.state_dict(), 'grl_kwargs': [4, 8]}, stored)
+    with pytest.raises(CheckpointError, match="'grl_kwargs' entry is a list") as info:
+        load_checkpoint(stored)
+    _assert_one_line(info, stored)
 
 
 def test_basicsr_params_and_params_ema(GRL, tmp_path):
@@ -304,14 +350,13 @@ def test_basicsr_params_and_params_ema(GRL, tmp_path):
     path = tmp_path / 'net_g_1000.pth'
     torch.save({'params': plain.state_dict(), 'params_ema': ema.state_dict()}, path)
     for key, model in ((None, ema), ('params_ema', ema), ('params', plain)):
-        with pytest.warns(CheckpointWarning):
-            sd, kwargs = load_checkpoint(path, key=key)
+        sd, kwargs = load_quiet(path, key=key, geometry=GEOMETRY)
         assert kwargs.format == f'basicsr ({key or "params_ema"})'
-        check_same_outputs(GRL, model, sd, dict(kwargs, **GEOMETRY))
+        check_same_outputs(GRL, model, sd, kwargs)
     # BasicSR's rule: a missing params_ema falls back to params
     torch.save({'params': plain.state_dict()}, path)
     with pytest.warns(CheckpointWarning):
-        sd, kwargs = load_checkpoint(path, key='params_ema')
+        sd, kwargs = load_checkpoint(path, key='params_ema', require_geometry=False)
     assert kwargs.format == 'basicsr (params)'
     check_same_outputs(GRL, plain, sd, dict(kwargs, **GEOMETRY))
     # a key that is nowhere in a dict that holds no GRL weights is an error
@@ -329,18 +374,21 @@ def test_save_converted_round_trip(GRL, tmp_path, suffix):
     assert yml == tmp_path / 'out.yml'
     net = yaml.safe_load(yml.read_text())['network_g']
     assert net.pop('type') == 'GRL' and net == dict(kwargs)
-    if suffix == '.pth':
-        assert list(torch.load(dst, weights_only=True)) == ['params']
+    if suffix == '.pth':  # BasicSR layout plus the kwargs, readable with weights_only
+        stored = torch.load(dst, weights_only=True)
+        assert list(stored) == ['params', 'grl_kwargs'] and stored['grl_kwargs'] == net
     sd2, kwargs2 = load_quiet(dst)
     assert kwargs2 == kwargs and kwargs2.format == ('safetensors' if suffix == '.safetensors' else 'basicsr (params)')
-    assert kwargs2.origin['window_size'] == ('metadata' if suffix == '.safetensors' else 'sidecar')
+    assert kwargs2.origin['window_size'] == 'metadata'
     check_same_outputs(GRL, model, sd2, kwargs2)
-    yml.unlink()  # safetensors keeps its kwargs in the metadata; the .pth falls back to inference
-    if suffix == '.safetensors':
-        assert load_quiet(dst)[1] == kwargs
-    else:
-        with pytest.warns(CheckpointWarning):
-            assert load_checkpoint(dst)[1].missing == list(GEOMETRY_KEYS)
+    yml.unlink()  # both keep their kwargs in the file itself
+    assert load_quiet(dst)[1] == kwargs
+    if suffix == '.pth':  # an older converted .pth ({'params': sd} only) falls back to the sidecar
+        torch.save({'params': sd}, dst)
+        with pytest.raises(CheckpointError, match='window_size'):
+            load_checkpoint(dst)
+        save_converted(sd, kwargs, tmp_path / 'again.safetensors')[1].rename(tmp_path / 'out.yml')
+        assert load_quiet(dst)[1].origin['window_size'] == 'sidecar'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,8 +426,13 @@ def test_pixelshuffledirect_ambiguous_scale_is_reported(GRL, tmp_path):
     model = make_model(GRL, upsampler='pixelshuffledirect', upscale=4, in_channels=3, out_channels=1)
     torch.save(official_sd(model, ('', ), engine=False), tmp_path / 'amb.pth')  # 16 = 4*4*1 = 2*2*4
     with pytest.warns(CheckpointWarning, match='upscale, out_channels'):
-        _, kwargs = load_checkpoint(tmp_path / 'amb.pth')
+        _, kwargs = load_checkpoint(tmp_path / 'amb.pth', require_geometry=False)
     assert kwargs.missing == ['upscale', 'out_channels'] and 'upscale' not in kwargs
+    with pytest.raises(CheckpointError, match='amb.pth: upscale, out_channels not stored'):
+        load_checkpoint(tmp_path / 'amb.pth')
+    sd, kwargs = load_quiet(tmp_path / 'amb.pth', geometry={'upscale': 4})  # out_channels: 16 / 4^2
+    assert kwargs.missing == [] and kwargs['out_channels'] == 1 and kwargs.origin['upscale'] == 'given'
+    check_same_outputs(GRL, model, sd, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,7 +613,7 @@ def test_cli_missing_geometry_and_set(GRL, tmp_path, capsys):
             '--set', 'stripe_shift=true', '--set', 'anchor_window_down_factor=2']
     assert convert_main([str(src), str(tmp_path / 'o.pth'), *sets]) == 0
     assert 'window_size: 4  [given]' in capsys.readouterr().out
-    sd, kwargs = load_quiet(tmp_path / 'o.pth')  # kwargs from the o.yml sidecar
+    sd, kwargs = load_quiet(tmp_path / 'o.pth')  # kwargs from the file's grl_kwargs entry
     check_same_outputs(GRL, model, sd, kwargs)
     for bad, match in ((['--set', 'embed_dim=32'], 'weights do not fit'), (['--set', 'nonsense=1'], 'KEY=VALUE'),
                        (['--set', 'window_size=[1'], 'not valid YAML')):

@@ -3,8 +3,11 @@
 :func:`load_checkpoint` returns ``(state_dict, kwargs)``: bare GRL parameter keys (no buffers, no
 engine entries, no discriminator) ready for ``GRL(**kwargs).load_state_dict(sd, strict=True)``,
 and a :class:`ModelKwargs` dict that records where each value came from. Shape-determined kwargs
-are inferred from the weights; window/stripe geometry comes from the stored Hydra config, from
-the shapes of the 13 official buffers, or is reported in ``kwargs.missing`` (never guessed).
+are inferred from the weights; window/stripe geometry comes from the stored Hydra config, the
+``grl_kwargs`` a file carries (GRLModel's ``net_g_<iter>.pth``, :func:`save_converted`'s output,
+safetensors metadata), a ``<stem>.yml`` sidecar, the shapes of the 13 official buffers, or the
+caller (``geometry=``); it is never guessed: a file without it raises :class:`CheckpointError`
+unless ``require_geometry=False`` (then ``kwargs.missing`` lists it).
 
 Pickles are read with ``weights_only=True`` first; official checkpoints (OmegaConf objects in
 ``hyper_parameters``) then go through a restricted unpickler that maps omegaconf/typing classes
@@ -69,9 +72,10 @@ class CheckpointWarning(UserWarning):
 
 
 class ModelKwargs(dict):
-    """GRL kwargs plus provenance: ``format`` (detected file kind), ``origin`` (key -> 'config',
-    'metadata', 'sidecar', 'weights', 'buffers', 'assumed' or 'given') and ``missing`` (keys that
-    must be supplied, e.g. from a task preset or explicit kwargs)."""
+    """GRL kwargs plus provenance: ``format`` (detected file kind), ``origin`` (key -> 'config'
+    (Lightning Hydra config), 'metadata' (the file's own ``grl_kwargs``: a BasicSR ``.pth`` entry
+    or safetensors metadata), 'sidecar', 'weights', 'buffers', 'assumed' or 'given') and
+    ``missing`` (keys that must be supplied, e.g. from a task preset or explicit kwargs)."""
 
     def __init__(self, *args: Any, format: str = '', **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -372,6 +376,11 @@ def _unwrap(obj: Any, key: Optional[str]) -> tuple:
         config = _resolve(model, hp) if isinstance(model, dict) else None
         obj, fmt = obj['state_dict'], 'lightning'
     stored = [k for k in ('params_ema', 'params') if isinstance(obj.get(k), Mapping)]
+    if stored and 'grl_kwargs' in obj:  # written by GRLModel.save_network / save_converted
+        if not isinstance(obj['grl_kwargs'], Mapping):
+            raise CheckpointError(f"the 'grl_kwargs' entry is a {type(obj['grl_kwargs']).__name__}, not a mapping "
+                                  'of GRL arguments')
+        config = dict(obj['grl_kwargs'])
     if key is not None and key not in obj:
         if not stored and fmt == 'state_dict' and not any(str(k).endswith('conv_first.weight') for k in obj):
             raise CheckpointError(f'no {key!r} entry (top-level keys: {", ".join(map(str, list(obj)[:6]))})')
@@ -380,6 +389,28 @@ def _unwrap(obj: Any, key: Optional[str]) -> tuple:
     if key is not None:
         obj, fmt = obj[key], f'basicsr ({key})'
     return obj, config, fmt
+
+
+def _apply_geometry(kwargs: ModelKwargs, geometry: Mapping[str, Any], sd: Mapping[str, torch.Tensor]) -> None:
+    """Fill what the file lacks with the caller's values (origin 'given'); a value the file (or
+    its weights) already fixes must agree."""
+    if not isinstance(geometry, Mapping):
+        raise CheckpointError(f'geometry= must be a mapping of GRL arguments, not a {type(geometry).__name__}')
+    for name, value in geometry.items():
+        if name not in GRL_KWARGS:
+            raise CheckpointError(f'geometry= key {name!r} is not a GRL argument (e.g. {", ".join(GEOMETRY_KEYS)})')
+        if name in kwargs and kwargs.origin.get(name) != 'assumed':
+            if not _same(kwargs[name], value):
+                raise CheckpointError(f'geometry= gives {name}={value!r} but the file ({kwargs.origin.get(name)}) '
+                                      f'stores {name}={kwargs[name]!r}; leave {name} out of geometry=')
+            continue
+        kwargs[name], kwargs.origin[name] = value, 'given'
+    up = sd.get('upsample.up.0.weight')
+    if 'out_channels' in kwargs.missing and 'out_channels' not in kwargs and isinstance(kwargs.get('upscale'), int) \
+            and kwargs['upscale'] > 0 \
+            and up is not None and up.shape[0] % kwargs['upscale']**2 == 0:  # pixelshuffledirect: scale^2 * out
+        kwargs['out_channels'], kwargs.origin['out_channels'] = up.shape[0] // kwargs['upscale']**2, 'weights'
+    kwargs.missing = [k for k in kwargs.missing if k not in kwargs]
 
 
 def _strip(sd: Mapping[str, Any], fmt: str) -> tuple:
@@ -441,7 +472,8 @@ def _same(a: Any, b: Any) -> bool:
 def _merge_kwargs(path: Path, fmt: str, sd: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
                   config: Optional[Mapping[str, Any]], source: str) -> ModelKwargs:
     """Weights-inferred kwargs, then buffer geometry, then the stored config (which wins except
-    where it contradicts the weights: then a warning and the weights' value)."""
+    where it contradicts the weights: then a warning and the weights' value). Keys the weights
+    determine keep origin 'weights' even where the config agrees."""
     kwargs = ModelKwargs(format=fmt)
     inferred = infer_kwargs(sd)
     geometry = infer_geometry({k: tuple(v.shape) for k, v in buffers.items()}) or {}
@@ -458,6 +490,8 @@ def _merge_kwargs(path: Path, fmt: str, sd: Mapping[str, torch.Tensor], buffers:
             warnings.warn(f'{path}: {source} says {name}={value!r} but the weights need {effective.get(name)!r}; '
                           'using the weights', CheckpointWarning, stacklevel=3)
             continue
+        if name in inferred:  # agrees with the weights, which fix it: origin 'weights' (never overridden)
+            continue
         kwargs[name], kwargs.origin[name] = value, source
     kwargs.missing = [k for k in GEOMETRY_KEYS if k not in kwargs]
     if kwargs.get('upsampler') == 'pixelshuffledirect' and 'upscale' not in kwargs:
@@ -466,12 +500,16 @@ def _merge_kwargs(path: Path, fmt: str, sd: Mapping[str, torch.Tensor], buffers:
 
 
 def load_checkpoint(path: str | Path, *, trust: bool = False, map_location: Any = 'cpu', key: Optional[str] = None,
-                    require_geometry: bool = False) -> tuple:
+                    geometry: Optional[Mapping[str, Any]] = None, require_geometry: bool = True) -> tuple:
     """Load GRL weights: returns ``(state_dict, kwargs)`` (see the module docstring).
 
     ``key`` picks ``params`` / ``params_ema`` of a BasicSR file (default: ``params_ema`` if present).
-    Missing geometry gives a :class:`CheckpointWarning`, or a :class:`CheckpointError` if
-    ``require_geometry``. ``trust=True`` allows a full unpickle of files the restricted reader refuses.
+    ``geometry`` supplies GRL kwargs the file does not store (e.g. ``{'window_size': 8,
+    'stripe_size': [8, 8], ...}`` of the task preset it was trained with; origin 'given'); a value
+    that contradicts the file is an error. Geometry still missing then raises a one-line
+    :class:`CheckpointError` naming the keys, or, with ``require_geometry=False`` (callers that
+    complete it themselves), gives a :class:`CheckpointWarning` and is listed in ``kwargs.missing``.
+    ``trust=True`` allows a full unpickle of files the restricted reader refuses.
     """
     path = Path(path)
     try:
@@ -486,17 +524,22 @@ def load_checkpoint(path: str | Path, *, trust: bool = False, map_location: Any 
             fmt, source = 'safetensors', 'metadata'
         else:
             raw, config, fmt = _unwrap(_torch_load(path, trust, map_location), key)
-            source = 'config'
+            source = 'config' if fmt.startswith('lightning') else 'metadata'  # Hydra config / grl_kwargs
         sd, buffers, fmt = _strip(raw, fmt)
         if config is None and (config := _sidecar(path)) is not None:
             source = 'sidecar'
         kwargs = _merge_kwargs(path, fmt, sd, buffers, config, source)
+        if geometry is not None:
+            _apply_geometry(kwargs, geometry, sd)
         if kwargs.missing:
-            msg = (f'{", ".join(kwargs.missing)} not stored in the file; give them explicitly '
-                   '(task preset, kwargs or grl-convert --set key=value)')
             if require_geometry:
-                raise CheckpointError(msg)
-            warnings.warn(f'{path}: {msg}', CheckpointWarning, stacklevel=2)
+                example = ', '.join(f"'{k}': ..." for k in kwargs.missing)
+                raise CheckpointError(f'{", ".join(kwargs.missing)} not stored in the file; pass them with '
+                                      f'load_checkpoint(..., geometry={{{example}}}) (e.g. the values of the task '
+                                      'preset it was trained with), or require_geometry=False to get the weights '
+                                      'and kwargs.missing')
+            warnings.warn(f'{path}: {", ".join(kwargs.missing)} not stored in the file; give them explicitly '
+                          '(task preset, kwargs or grl-convert --set key=value)', CheckpointWarning, stacklevel=2)
     except CheckpointError as err:
         raise type(err)(f'{path}: {err}') from None
     except OSError as err:
@@ -511,12 +554,13 @@ def _plain_kwargs(kwargs: Mapping[str, Any]) -> dict:
 
 
 def save_converted(state_dict: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], dst: str | Path) -> tuple:
-    """Write ``dst`` (``.pth``: BasicSR ``{'params': sd}``; ``.safetensors``: kwargs JSON in metadata
-    key ``grl_kwargs``) plus ``<stem>.yml`` with ``network_g: {type: GRL, ...}``. Returns both paths."""
+    """Write ``dst`` (``.pth``: BasicSR ``{'params': sd, 'grl_kwargs': kwargs}``; ``.safetensors``:
+    kwargs JSON in metadata key ``grl_kwargs``) plus ``<stem>.yml`` with ``network_g: {type: GRL,
+    ...}``. Returns both paths."""
     dst, kw = Path(dst), _plain_kwargs(kwargs)
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if dst.suffix == '.pth':
-        torch.save({'params': sd}, dst)
+        torch.save({'params': sd, 'grl_kwargs': kw}, dst)
     elif dst.suffix == '.safetensors':
         from safetensors.torch import save_file
         save_file(sd, str(dst), metadata={'grl_kwargs': json.dumps(kw), 'format': 'pt'})

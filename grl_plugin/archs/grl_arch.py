@@ -7,6 +7,7 @@ which are computed on the fly and cached per size and device), same outputs.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Type
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..layers import ATTN_IMPLS, GRLStage, build_last_conv, configure, grl_geometry, pad_multiple
 from ..layers.block import pad_to_multiple, to_map, to_tokens
+from .checkpoint import GRL_KWARGS
 
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
 NUM_OUT_FEATS = 64  # channels of the reconstruction heads (hard-coded in the official code)
@@ -86,7 +88,11 @@ class GRL(nn.Module):
                  attn_impl: str = "sdpa", name: Optional[str] = None, double_window: bool = False,
                  stripe_square: bool = False, separable_conv_act: bool = False,
                  use_buffer: bool = False, use_efficient_buffer: bool = False):
+        given = locals()  # the constructor kwargs, kept plain for checkpoints (init_kwargs)
         super().__init__()
+        #: The GRL kwargs this network was built with (JSON-able values; what GRLModel stores in
+        #: its network files as ``grl_kwargs``). Not part of the state dict.
+        self.init_kwargs = {k: v for k, v in ((k, _plain(given[k])) for k in GRL_KWARGS) if v is not _NOT_PLAIN}
         out_channels = out_channels or in_channels
         if upsampler not in UPSAMPLERS:
             raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
@@ -218,6 +224,23 @@ class GRL(nn.Module):
         # config) this keeps the padded border, as the official model does.
         y = y[:, :, :H * self.upscale, :W * self.upscale]
         return y.contiguous() if self.fast else y
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value):
+    """``value`` as JSON-able python (tuples as lists), or ``_NOT_PLAIN``."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):  # numpy integers too
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    return _NOT_PLAIN
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -3,7 +3,9 @@
 Reads an official Lightning ``.ckpt`` (any engine), a BasicSR ``.pth`` (``params`` /
 ``params_ema``), a bare state dict or a ``.safetensors`` file; checks that the weights load
 strictly into ``GRL(**kwargs)``; writes DST plus ``<DST stem>.yml`` (``network_g: {type: GRL, ...}``).
-Window/stripe settings that the file does not store must be given with ``--set key=value``.
+Window/stripe settings that the file does not store must be given with ``--set key=value``; a
+``--set`` of a window/stripe setting that contradicts the one the file stores is an error (key,
+the file's value, the given value) unless ``--force``.
 SRC may also be the name of a released model (:mod:`grl_plugin.cli.zoo`), downloaded once.
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Optional, Sequence
 
 import yaml
 
-from grl_plugin.archs.checkpoint import GRL_KWARGS, CheckpointError, _one_line, check_fit, save_converted
+from grl_plugin.archs.checkpoint import (GEOMETRY_KEYS, GRL_KWARGS, CheckpointError, _one_line, _same, check_fit,
+                                         save_converted)
 from grl_plugin.cli.common import exits_on_interrupt
 from grl_plugin.cli.zoo import open_checkpoint
 
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='entry of a BasicSR file to use (default: params_ema if present)')
     parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                         help='GRL argument the file lacks or to override (YAML value), repeatable')
+    parser.add_argument('--force', action='store_true',
+                        help='let --set replace a window/stripe setting the file stores (default: an error)')
     return parser
 
 
@@ -67,16 +72,28 @@ def convert(args: argparse.Namespace) -> str:
     """Run the conversion; returns the summary text."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        sd, kwargs, src = open_checkpoint(args.src, trust=args.trust, key=args.key, prog='grl-convert')
+        sd, kwargs, src = open_checkpoint(args.src, trust=args.trust, key=args.key, prog='grl-convert',
+                                          require_geometry=False)
     for w in caught:  # missing geometry is checked below, after --set
         if 'not stored in the file' not in str(w.message):
             print(f'grl-convert: warning: {w.message}', file=sys.stderr)
+    stored = ('config', 'metadata', 'sidecar', 'buffers')  # what the file itself records
     for key, value in _parse_set(args.overrides).items():
+        if key in GEOMETRY_KEYS and kwargs.origin.get(key) in stored and not _same(value, kwargs.get(key)):
+            if not getattr(args, 'force', False):
+                raise CheckpointError(f'{src}: --set {key}={value!r} but the file stores {key}={kwargs[key]!r}; '
+                                      'leave it out or add --force to use the given value')
+            print(f'grl-convert: warning: using {key}={value!r} from --set (the file stores {kwargs[key]!r}) '
+                  'because of --force', file=sys.stderr)
         kwargs[key], kwargs.origin[key] = value, 'given'
     missing = [k for k in kwargs.missing if k not in kwargs]
     if missing:
         raise CheckpointError(f'{src}: {", ".join(missing)} not stored in the file; pass them with --set '
                               'KEY=VALUE (e.g. --set window_size=32 --set "stripe_size=[64, 64]")')
+    from grl_plugin.cli.validate import check_network  # a stored or --set geometry GRL cannot run with
+    problems = check_network(dict(kwargs, type='GRL'), prefix='kwargs', shape_keys=False)
+    if problems:
+        raise CheckpointError(problems[0].format(src))
     from grl_plugin.archs.grl_arch import GRL  # lazy: heavy import, only needed for the check
     try:
         model = GRL(**kwargs)

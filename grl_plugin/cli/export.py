@@ -1,7 +1,9 @@
 """grl-export: export a GRL checkpoint to ONNX for one fixed input tile size.
 
 The model is built as ``grl-infer`` builds it (checkpoint kwargs completed by ``--task`` or
-``--opt``; ``--checkpoint`` may name a released model, :mod:`grl_plugin.cli.zoo`) and traced
+``--opt``, neither needed for a file that stores its kwargs; a geometry contradicting the file's
+is an error unless ``--force``; ``--checkpoint`` may name a released model,
+:mod:`grl_plugin.cli.zoo`) and traced
 with PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``). GRL's
 attention tables, indices and masks depend on the input size only: for a fixed ``--tile`` they
 are computed once and stored in the graph as constants, so the graph is static (input ``input``

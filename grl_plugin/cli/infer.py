@@ -5,8 +5,12 @@ released model can be given by name, :mod:`grl_plugin.cli.zoo`, and is downloade
 completed or overridden by ``--task``/``--size``/``--scale``/``--gray`` (the official task table,
 :func:`grl_plugin.archs.tasks.task_kwargs`) or by the ``network_g`` of a BasicSR option file
 (``--opt``; ``type: GRL`` or a preset such as ``GRL_T``). Shape-determined kwargs (channels,
-depths, heads, head type) always come from the weights; window/stripe geometry comes from
-``--opt``/``--task`` when given, else from the checkpoint.
+depths, heads, head type) always come from the weights; window/stripe geometry comes from the
+checkpoint when it stores it (a Lightning config, the ``grl_kwargs`` of a GRLModel
+``net_g_<iter>.pth`` or of a converted file, a ``<stem>.yml`` sidecar, the official buffers),
+else from ``--opt``/``--task``. A geometry from ``--opt``/``--task`` that contradicts the
+checkpoint's is an error naming the key and both values, unless ``--force`` (the given value is
+then used, with a warning).
 
 Images are restored tile by tile (:func:`grl_plugin.tiling.tiled_forward`, tiles rounded up to
 the model's padding multiple, overlapping tiles blended) and written as ``<stem><suffix>.png``:
@@ -43,6 +47,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from grl_plugin.cli.common import ArgumentParser, Interrupted, exits_on_interrupt, write_atomic
+# the x8 self-ensemble (shared with GRLModel's val.self_ensemble); still importable from here
+from grl_plugin.tiling import ENSEMBLE, self_ensemble, transform, untransform  # noqa: F401
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm')
 #: Keys of the task table that the size preset (T/S/B) decides; weights decide them too.
@@ -62,7 +68,8 @@ def _one_line(err: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------ model
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint``, ``--list-models``, ``--task``/``--size``/``--scale``/``--gray``, ``--opt``, ``--trust``."""
+    """``--checkpoint``, ``--list-models``, ``--task``/``--size``/``--scale``/``--gray``, ``--opt``, ``--trust``,
+    ``--force``."""
     from grl_plugin.cli.zoo import ListModelsAction
     g = parser.add_argument_group('model (the geometry the checkpoint does not store comes from --task or --opt)')
     g.add_argument('--checkpoint', required=True, metavar='CKPT',
@@ -81,6 +88,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--gray', action='store_true', help='1-channel model (gray denoising / JPEG) for --task')
     g.add_argument('--trust', action='store_true',
                    help='allow a full (unsafe) unpickle if the restricted reader refuses the checkpoint')
+    g.add_argument('--force', action='store_true',
+                   help='use the window/stripe geometry of --task/--opt even where the checkpoint stores another '
+                        '(default: that is an error)')
 
 
 def read_option_network(path: str) -> Tuple[dict, dict]:
@@ -125,24 +135,38 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def resolve_kwargs(ckpt_kwargs: Any, given: Optional[dict], source: str, explicit: Sequence[str] = (),
-                   ckpt: str = 'checkpoint') -> Tuple[dict, List[str]]:
-    """Checkpoint kwargs completed/overridden by ``given`` (from ``source``): returns (kwargs, notes).
+#: Origins of checkpoint kwargs that the file itself records (see ``ModelKwargs.origin``).
+STORED_ORIGINS = ('config', 'metadata', 'sidecar', 'buffers')
 
-    Values the weights determine win (a note when an ``explicit`` key disagrees); everything else
-    from ``given`` wins over the checkpoint's stored config. Raises :class:`InferError` naming
-    what is still missing.
+
+def resolve_kwargs(ckpt_kwargs: Any, given: Optional[dict], source: str, explicit: Sequence[str] = (),
+                   ckpt: str = 'checkpoint', force: bool = False) -> Tuple[dict, List[Tuple[str, str]]]:
+    """Checkpoint kwargs completed/overridden by ``given`` (from ``source``): returns (kwargs,
+    messages), each message ``('note' | 'warning', text)``.
+
+    Values the weights determine win (a note when an ``explicit`` key disagrees). A window/stripe
+    geometry key (``GEOMETRY_KEYS``) that the checkpoint stores and ``given`` contradicts raises
+    :class:`InferError` (key, the file's value, the given value) unless ``force``: then the given
+    value wins with a warning. Other stored values are overridden by ``given`` with a note.
+    Raises :class:`InferError` naming what is still missing.
     """
+    from grl_plugin.archs.checkpoint import GEOMETRY_KEYS
     origin = getattr(ckpt_kwargs, 'origin', {})
     kwargs, notes = dict(ckpt_kwargs), []
     for key, value in (given or {}).items():
         if origin.get(key) == 'weights':
             if key in explicit and not _same(value, kwargs[key]):
-                notes.append(f'{source} says {key}={value!r} but the weights need {kwargs[key]!r}; using the weights')
+                notes.append(('note', f'{source} says {key}={value!r} but the weights need {kwargs[key]!r}; '
+                                      'using the weights'))
             continue
-        if key in kwargs and origin.get(key) in ('config', 'metadata', 'sidecar', 'buffers') \
-                and not _same(value, kwargs[key]):
-            notes.append(f'using {key}={value!r} from {source} (the checkpoint stores {kwargs[key]!r})')
+        if key in kwargs and origin.get(key) in STORED_ORIGINS and not _same(value, kwargs[key]):
+            if key in GEOMETRY_KEYS and not force:
+                raise InferError(f'{ckpt}: {source} gives {key}={value!r} but the checkpoint stores '
+                                 f'{key}={kwargs[key]!r}; leave out {source.split()[0]} (the checkpoint describes '
+                                 'the model) or add --force to use the given value')
+            notes.append(('warning' if key in GEOMETRY_KEYS else 'note',
+                          f'using {key}={value!r} from {source} (the checkpoint stores {kwargs[key]!r})'
+                          + (' because of --force' if key in GEOMETRY_KEYS else '')))
         kwargs[key] = value
     missing = [k for k in getattr(ckpt_kwargs, 'missing', []) if k not in kwargs]
     if 'upscale' in kwargs and 'out_channels' in missing:
@@ -173,7 +197,7 @@ def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
-            sd, ckpt_kwargs, ckpt = open_checkpoint(args.checkpoint, trust=args.trust,
+            sd, ckpt_kwargs, ckpt = open_checkpoint(args.checkpoint, trust=args.trust, require_geometry=False,
                                                     quiet=getattr(args, 'quiet', False), prog=prog)
     except CheckpointError as err:
         raise InferError(_one_line(err)) from None
@@ -194,9 +218,14 @@ def load_model(args: argparse.Namespace, prog: str) -> Tuple[Any, dict, dict]:
         source = f'--task {args.task}'
         explicit = (_SIZE_KEYS if args.size else ()) + (('upscale', ) if args.scale else ()) + \
             (('in_channels', ) if args.gray else ())
-    kwargs, notes = resolve_kwargs(ckpt_kwargs, given, source, explicit, ckpt=ckpt)
-    for note in notes:
-        print(f'{prog}: note: {note}', file=sys.stderr)
+    kwargs, notes = resolve_kwargs(ckpt_kwargs, given, source, explicit, ckpt=ckpt,
+                                   force=getattr(args, 'force', False))
+    for kind, note in notes:
+        print(f'{prog}: {kind}: {note}', file=sys.stderr)
+    from grl_plugin.cli.validate import check_network  # geometry stored in a file is checked as --opt's is
+    problems = check_network(dict(kwargs, type='GRL'), prefix='kwargs', shape_keys=False)
+    if problems:
+        raise InferError(problems[0].format(ckpt))
     try:
         model = GRL(**kwargs)
     except Exception as err:  # bad values in the option file
@@ -313,27 +342,6 @@ def _metrics(out: np.ndarray, ref: np.ndarray, crop: int) -> Tuple[float, float]
 
 
 # ------------------------------------------------------------------------------------ running
-#: The x8 self-ensemble: transform ``k`` (0..7) flips left-right when ``k & 4``, then turns the
-#: image ``k & 3`` quarter turns; :func:`untransform` undoes it on the output.
-ENSEMBLE = tuple(range(8))
-
-
-def transform(x, k: int):
-    """Dihedral transform ``k`` of an (..., H, W) tensor: optional left-right flip, then rotation."""
-    import torch
-    if k & 4:
-        x = torch.flip(x, dims=(-1, ))
-    return torch.rot90(x, k & 3, dims=(-2, -1)) if k & 3 else x
-
-
-def untransform(y, k: int):
-    """Inverse of :func:`transform`: rotation undone first, then the flip."""
-    import torch
-    if k & 3:
-        y = torch.rot90(y, -(k & 3), dims=(-2, -1))
-    return torch.flip(y, dims=(-1, )) if k & 4 else y
-
-
 class Restorer:
     """Model + device + precision + tiling (+ x8 self-ensemble); ``restore(img)`` maps a float
     HxWxC image to the output."""
@@ -359,14 +367,8 @@ class Restorer:
         autocast = (torch.autocast(device_type=self.device.type, dtype=self.dtype) if self.dtype is not None
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
-            if not self.ensemble:
-                y = self._tiled(x).float()
-            else:  # mean of the 8 outputs, each turned back to the input's orientation
-                y = None
-                for k in ENSEMBLE:
-                    yk = untransform(self._tiled(transform(x, k).contiguous()), k).float()
-                    y = yk if y is None else y + yk
-                y = y / len(ENSEMBLE)
+            # x8: mean of the 8 outputs, each turned back to the input's orientation
+            y = self_ensemble(self._tiled, x) if self.ensemble else self._tiled(x).float()
         return y[0].clamp_(0, 1).permute(1, 2, 0).cpu().numpy()
 
     def _tiled(self, x):

@@ -641,7 +641,7 @@ def check_pretrained(path: str, kwargs: Dict[str, Any], report: Report) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', CheckpointWarning)
-            sd, ck = grl_plugin.load_checkpoint(path)
+            sd, ck = grl_plugin.load_checkpoint(path, require_geometry=False)  # network_g gives it
     except grl_plugin.CheckpointError as err:
         raise PrepareError(f'--pretrained {path}: {_one_line(err)}') from None
     net = grl_plugin.GRL(**kwargs)

@@ -484,7 +484,7 @@ KNOWN_KEYS = {
     'train': ('total_iter', 'warmup_iter', 'ema_decay', 'optim_g', 'optim_d', 'scheduler', 'pixel_opt',
               'perceptual_opt', 'gan_opt', 'net_d_iters', 'net_d_init_iters', 'grad_clip', 'amp', 'nan_tolerance',
               'lean_backward'),
-    'val': ('val_freq', 'save_img', 'metrics', 'tile', 'suffix', 'pbar'),
+    'val': ('val_freq', 'save_img', 'metrics', 'tile', 'suffix', 'pbar', 'self_ensemble'),
     'path': ('pretrain_network_g', 'strict_load_g', 'param_key_g', 'resume_state', 'pretrain_network_d',
              'strict_load_d', 'param_key_d'),
 }
@@ -831,6 +831,9 @@ def _top_field_problems(opt: Mapping[str, Any], mode: str) -> List[Problem]:
             _number(out, val, 'val', 'val_freq', True, lambda v: v > 0, 'must be a positive number of iterations')
         if 'save_img' in val and not isinstance(val['save_img'], bool):
             out.append(Problem('val.save_img', val['save_img'], 'must be true or false'))
+        if 'self_ensemble' in val and not isinstance(val['self_ensemble'], bool):
+            out.append(Problem('val.self_ensemble', val['self_ensemble'],
+                               'must be true (x8 self-ensemble) or false'))
     return out
 
 

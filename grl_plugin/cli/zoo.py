@@ -334,11 +334,12 @@ def check_release(release: Release, kwargs: Mapping[str, Any], path: str) -> Non
 
 
 def open_checkpoint(spec: str, *, trust: bool = False, key: Optional[str] = None, quiet: bool = False,
-                    prog: str = 'grl-zoo') -> Tuple[dict, Any, str]:
+                    prog: str = 'grl-zoo', require_geometry: bool = True) -> Tuple[dict, Any, str]:
     """:func:`load_checkpoint` of a path or a released name: ``(state_dict, kwargs, path)``.
-    A released file is checked with :func:`check_release`. Raises one-line CheckpointErrors."""
+    A released file is checked with :func:`check_release`. Raises one-line CheckpointErrors
+    (geometry the file lacks too, unless ``require_geometry=False``: the CLIs complete it)."""
     path, release = resolve_checkpoint(spec, quiet=quiet, prog=prog)
-    sd, kwargs = load_checkpoint(path, trust=trust, key=key)
+    sd, kwargs = load_checkpoint(path, trust=trust, key=key, require_geometry=require_geometry)
     if release is not None:
         check_release(release, kwargs, path)
     return sd, kwargs, path

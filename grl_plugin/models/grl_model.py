@@ -14,6 +14,7 @@ Option keys on top of SRModel's (all optional)::
     val:
       tile: {size: 256, overlap: 32, blend: linear}   # tiled validation/test (size 0: whole image)
       amp: none               # autocast during validation too
+      self_ensemble: false    # true: x8 self-ensemble (the 8 flips/rotations restored, turned back, averaged)
     path:
       pretrain_network_g: sr_grl_tiny_c3x4.ckpt      # official .ckpt, BasicSR .pth or .safetensors
       trust_checkpoint: false # true: full (unsafe) unpickle of files the safe reader refuses
@@ -64,7 +65,7 @@ from tqdm import tqdm
 from ..archs.checkpoint import CheckpointError, CheckpointWarning, check_fit, load_checkpoint, torch_load
 from ..archs.grl_arch import GRL
 from ..layers import compile_blocks, configure
-from ..tiling import tiled_forward
+from ..tiling import self_ensemble, tiled_forward
 from .checkpoint_io import save_checkpoint_file, trust_checkpoint
 from .exact_resume import get_rng_state, resume_progress, set_rng_state, training_progress
 
@@ -97,6 +98,13 @@ def _lean_backward(value):
         return value
     raise ValueError(f"train.lean_backward must be true (least memory: recompute all attention probabilities), "
                      f"false (keep them, the MLP hidden layers and the post-norm inputs: fastest) or null (automatic), "
+                     f"got {value!r}")
+
+
+def _self_ensemble(value):
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"val.self_ensemble must be true (x8 self-ensemble: flips and rotations averaged) or false, "
                      f"got {value!r}")
 
 
@@ -144,7 +152,7 @@ class GRLModel(SRModel):
         if isinstance(bare, GRL):
             with warnings.catch_warnings():  # geometry not stored in the file: network_g gives it
                 warnings.simplefilter("ignore", CheckpointWarning)
-                state_dict, kwargs = load_checkpoint(load_path, key=param_key, trust=trust)
+                state_dict, kwargs = load_checkpoint(load_path, key=param_key, trust=trust, require_geometry=False)
             logger.info(f"Loading GRL weights from {load_path} ({kwargs.format}).")
             for name in ("window_size", "stripe_size", "stripe_groups", "anchor_window_down_factor"):
                 if name in kwargs and kwargs.origin.get(name) != "assumed" and \
@@ -174,13 +182,16 @@ class GRLModel(SRModel):
 
     def save_network(self, net, net_label, current_iter, param_key="params"):
         """BasicSR's ``models/<net_label>_<iter>.pth`` (the same keys, ``module.`` prefixes removed,
-        the state dicts' ``_metadata`` kept), written atomically by rank 0."""
+        the state dicts' ``_metadata`` kept), written atomically by rank 0. A GRL network's file
+        also holds ``grl_kwargs``: its constructor kwargs (plain values, ``GRL.init_kwargs``), so
+        :func:`~grl_plugin.archs.checkpoint.load_checkpoint` and the CLIs rebuild it from the file
+        alone; BasicSR's loaders read only ``params`` / ``params_ema`` and ignore it."""
         if self._rank_world()[0] != 0:
             return
         nets = net if isinstance(net, list) else [net]
         keys = param_key if isinstance(param_key, list) else [param_key]
         assert len(nets) == len(keys), "The lengths of net and param_key should be the same."
-        save_dict = {}
+        save_dict, grl_kwargs = {}, None
         for net_, key in zip(nets, keys):
             state_dict = self.get_bare_model(net_).state_dict()
             clean = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v.cpu())
@@ -188,6 +199,11 @@ class GRLModel(SRModel):
             if hasattr(state_dict, "_metadata"):
                 clean._metadata = state_dict._metadata
             save_dict[key] = clean
+            bare = self.get_bare_model(net_)
+            if isinstance(bare, GRL) and grl_kwargs is None and isinstance(getattr(bare, "init_kwargs", None), dict):
+                grl_kwargs = dict(bare.init_kwargs)
+        if grl_kwargs is not None:
+            save_dict["grl_kwargs"] = grl_kwargs
         label = "latest" if current_iter == -1 else current_iter
         save_checkpoint_file(save_dict, osp.join(self.opt["path"]["models"], f"{net_label}_{label}.pth"), "model")
 
@@ -379,11 +395,16 @@ class GRLModel(SRModel):
         tile = self._tile_options()
         val_opt = self.opt.get("val") or {}
         dtype = _amp_dtype(val_opt.get("amp"), self.device, "val.amp")
+        ensemble = _self_ensemble(val_opt.get("self_ensemble", False))
+
+        def restore(x):
+            return tiled_forward(net, x, tile.get("size"), tile.get("overlap", 0),
+                                 scale=int(self.opt.get("scale", 1)), multiple=getattr(net, "pad_size", 1),
+                                 blend=tile.get("blend", "linear"))
+
         with torch.no_grad(), self._autocast(dtype):
-            self.output = tiled_forward(
-                net, self.lq, tile.get("size"), tile.get("overlap", 0),
-                scale=int(self.opt.get("scale", 1)), multiple=getattr(net, "pad_size", 1),
-                blend=tile.get("blend", "linear")).float()
+            # x8 self-ensemble: the helper grl-infer --ensemble uses (grl_plugin.tiling.self_ensemble)
+            self.output = self_ensemble(restore, self.lq) if ensemble else restore(self.lq).float()
         if was_training:
             net.train()
 
