@@ -518,7 +518,7 @@ def test_dry_run_reports_build_errors(tmp_path, data, capsys):
     from grl_plugin.cli.train import main
     opt = yaml.safe_load(tiny_options('dn_color', data, tmp_path).read_text())
     del opt['datasets']['train']['sigma']
-    opt['train']['optim_g']['type'] = 'NoSuchOptimizer'
+    opt['train']['optim_g']['nesterov'] = True  # not an AdamW argument: only building the model tells
     path = tmp_path / 'bad.yml'
     path.write_text(yaml.safe_dump(opt, sort_keys=False))
     assert main(['-opt', str(path), '--root', str(tmp_path / 'root'), '--dry-run']) == 1
