@@ -931,34 +931,28 @@ def test_lean_attention_with_reversed_keys_matches_reference(save_probs, masked,
 
 
 @pytest.mark.parametrize("mode", [None, True, False])
-def test_blocks_with_large_windows_keep_mlp_hidden_and_norm_inputs(mode, monkeypatch):
-    """Automatic backward: a block whose window attention recomputes its probabilities (16x16
-    windows, head dim 4: P larger than q, k, v, out) keeps its MLP hidden layer and its two
-    post-norm inputs for the backward, a block whose window attention keeps P (4x4 windows)
-    recomputes them; lean_backward True recomputes and False keeps them in both. The
-    gradients are the reference block's either way."""
+def test_blocks_recompute_mlp_and_projection_unless_told_to_keep(mode, monkeypatch):
+    """The MLP and the output projection, each with its post-norm, run under checkpointing
+    (only their input kept) in blocks with large windows (16x16, whose attention recomputes
+    its probabilities) and small ones (4x4), except with lean_backward False. The gradients
+    are the reference block's either way."""
     from grl_plugin.layers import GRLBlock, configure
     from grl_plugin.layers import block as block_mod
-    from grl_plugin.layers.attention import probs_recomputed
-    assert probs_recomputed(256, 256, 4, 4) and not probs_recomputed(16, 16, 4, 4)
     calls = []
     real = block_mod.checkpoint
     monkeypatch.setattr(block_mod, "checkpoint", lambda fn, *a, **kw: calls.append(fn.__name__) or real(fn, *a, **kw))
     dim = 16
     for window in (16, 4):
-        large = window == 16
         torch.manual_seed(0)
         fast = configure(GRLBlock(dim, 2, 2, window_size=window, stripe_size=(16, 16), anchor_window_down_factor=4),
                          lean_backward=mode)
         ref = GRLBlock(dim, 2, 2, window_size=window, stripe_size=(16, 16), anchor_window_down_factor=4,
                        attn_impl="reference")
         ref.load_state_dict(fast.state_dict())
-        assert fast.attn.large_attention is large
         x = torch.randn(1, 32 * 32, dim, requires_grad=True)
         calls.clear()
         out = fast(x, (32, 32))
-        recompute = mode is True or (mode is None and not large)
-        assert calls == ["_project", "_layers"] * recompute
+        assert calls == ["_project", "_layers"] * (mode is not False)
         want = torch.autograd.grad(ref(x, (32, 32)).square().sum(), [x, *ref.parameters()])
         got = torch.autograd.grad(out.square().sum(), [x, *fast.parameters()])
         for a_, b_ in zip(got, want):

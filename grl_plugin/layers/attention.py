@@ -35,26 +35,11 @@ from .kernels import cpu, sdpa
 from .kernels.sdpa import normalize_qkv
 
 __all__ = ["ATTN_IMPLS", "AffineTransform", "BiasCacheBudget", "bias_cache_bytes", "cosine_attention",
-           "normalize_qkv", "keep_mlp_hidden", "probs_recomputed"]
+           "normalize_qkv"]
 
 ATTN_IMPLS = ("sdpa", "reference")
 _MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
 _EPS = 1e-12  # F.normalize's default
-
-
-def keep_mlp_hidden(large_attention: bool = False, lean_backward: Optional[bool] = None) -> bool:
-    """Whether a block's MLP keeps its hidden layer and its post-norms their inputs for the
-    backward: ``lean_backward`` False keeps, True does not; ``None`` (automatic) keeps them where
-    the block's attention recomputes its probabilities (``large_attention``, see
-    :func:`probs_recomputed`)."""
-    return lean_backward is False or (lean_backward is None and large_attention)
-
-
-def probs_recomputed(n1: int, n2: int, d: int, dv: int) -> bool:
-    """Whether the automatic CPU backward recomputes the probabilities of an attention of
-    ``n1`` queries, ``n2`` keys and head dims ``d`` (q, k) and ``dv`` (v): where P is larger
-    than the q, k, v and output saved anyway (GRL's 32x32 windows, not its 8x8 ones)."""
-    return n1 * n2 > n1 * d + n2 * d + n2 * dv + n1 * dv
 
 
 class AffineTransform(nn.Module):
@@ -155,7 +140,7 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
             scale (:func:`normalize_qkv`), as the window and stripe modules hand them over.
         lean_backward: CPU training memory/speed trade-off of ``"sdpa"``: ``None`` (automatic)
             recomputes the probabilities P in the backward where P is larger than the q, k, v
-            and output kept anyway (:func:`probs_recomputed`), ``True`` always (and keeps no
+            and output kept anyway, ``True`` always (and keeps no
             output: least memory), ``False`` never (fastest backward).
 
     Returns:

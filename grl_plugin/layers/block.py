@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AffineTransform, BiasCacheBudget, keep_mlp_hidden, probs_recomputed
+from .attention import AffineTransform, BiasCacheBudget
 from .geometry import GRLGeometry, grl_geometry, pad_multiple
 from .local import CAB
 from .stripe_attn import AnchorProjection, AnchorStripeAttention
@@ -129,14 +129,14 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def _recompute(x: torch.Tensor, module: nn.Module, large_attention: bool, *dropouts: nn.Dropout) -> bool:
+def _recompute(x: torch.Tensor, module: nn.Module, *dropouts: nn.Dropout) -> bool:
     """Whether ``module``'s layers (and the post-norm after them) run under activation
     checkpointing, so that only their input is kept for the backward: a forward that records
-    gradients, with its ``dropouts`` inactive, outside autocast and tracing, unless
-    :func:`~.attention.keep_mlp_hidden` says keep."""
+    gradients, with its ``dropouts`` inactive, outside autocast and tracing, unless the
+    module's ``lean_backward`` is False (keep everything: fastest)."""
     return (torch.is_grad_enabled() and (not module.training or all(d.p == 0 for d in dropouts))
             and not torch.is_autocast_enabled(x.device.type) and not _tracing()
-            and not keep_mlp_hidden(large_attention, module.lean_backward))
+            and module.lean_backward is not False)
 
 
 class Mlp(nn.Module):
@@ -144,8 +144,7 @@ class Mlp(nn.Module):
 
     ``lean`` (default, the fast path): in training without dropout or autocast the MLP (and the
     block's post-norm after it, ``forward(x, norm)``) keeps only its input for the backward and
-    recomputes the rest there (``torch.utils.checkpoint``), unless ``lean_backward=False`` or
-    the block's attention recomputes its probabilities (:func:`~.attention.keep_mlp_hidden`);
+    recomputes the rest there (``torch.utils.checkpoint``), unless ``lean_backward=False``;
     same outputs and gradients. Stored as
     ``attn_impl`` (``"reference"`` when not lean), the attribute ``GRL.set_attn_impl`` switches
     on every module: the reference path of :class:`GRLBlock` turns it off.
@@ -159,19 +158,17 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
         self.attn_impl = "sdpa" if lean else "reference"
-        self.lean_backward: Optional[bool] = None  # see keep_mlp_hidden; set by layers.configure
+        self.lean_backward: Optional[bool] = None  # see _recompute; set by layers.configure
 
     @property
     def lean(self) -> bool:
         return self.attn_impl != "reference"
 
-    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None,
-                large_attention: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
         """``mlp(x)``, or ``norm(mlp(x))`` (a block's post-norm). On the lean path in training,
         the hidden layer and the norm's input are recomputed in the backward instead of kept,
-        unless :func:`~.attention.keep_mlp_hidden` says keep (``large_attention``: the block's
-        attention recomputes its probabilities)."""
-        if self.lean and _recompute(x, self, large_attention, self.drop1, self.drop2):
+        unless ``lean_backward`` is False."""
+        if self.lean and _recompute(x, self, self.drop1, self.drop2):
             return checkpoint(self._layers, x, norm, use_reentrant=False)
         return self._layers(x, norm)
 
@@ -271,15 +268,7 @@ class MixedAttention(nn.Module):
                                                  attn_drop, attn_impl)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.lean_backward: Optional[bool] = None  # see keep_mlp_hidden; set by layers.configure
-
-    @property
-    def large_attention(self) -> bool:
-        """Whether the automatic CPU backward recomputes the window attention's probabilities
-        (:func:`~.attention.probs_recomputed`; then the block keeps its MLP hidden layer and
-        post-norm inputs, :func:`~.attention.keep_mlp_hidden`)."""
-        n, d = self.window_size ** 2, self.dim // 2 // self.window_attn.num_heads
-        return probs_recomputed(n, n, d, d)
+        self.lean_backward: Optional[bool] = None  # see _recompute; set by layers.configure
 
     @property
     def pad_multiple(self) -> int:
@@ -323,7 +312,7 @@ class MixedAttention(nn.Module):
             y = qkv_window.new_empty(x.shape)  # (autocast: the projections' dtype)
             self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
             self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
-        if norm is not None and _recompute(x, self, self.large_attention, self.proj_drop):
+        if norm is not None and _recompute(x, self, self.proj_drop):
             return checkpoint(self._project, y, norm, use_reentrant=False)  # keeps y only
         return self._project(y, norm)
 
@@ -409,7 +398,7 @@ class GRLBlock(_MapOrTokens):
         y = self._residual(x, self.attn(x, x_size, geom, norm=self.norm1))
         if self.conv is not None:
             y = y + self.conv(x, x_size, channels_last=self.fast)
-        return self._residual(y, self.mlp(y, norm=self.norm2, large_attention=self.attn.large_attention))
+        return self._residual(y, self.mlp(y, norm=self.norm2))
 
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """``x + res_scale * drop_path(branch)`` as one scaled add (no pass for the scale)."""

@@ -66,7 +66,7 @@ def _fused(q, k, v, bias, mask):
 
 def _keep_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lean_backward: Optional[bool]) -> bool:
     """Whether the CPU backward keeps P: not for ``lean_backward`` True, always for False, else
-    where P is no larger than what is kept anyway (:func:`~..attention.probs_recomputed`)."""
+    where P is no larger than the q, k, v and output kept anyway."""
     if lean_backward is not None:
         return not lean_backward
     n1, n2, d, dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
