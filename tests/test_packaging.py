@@ -16,7 +16,7 @@ def read(rel):
 
 
 @pytest.mark.parametrize('pattern', [
-    '.venv/', '__pycache__/', '*.egg-info/', 'experiments/', 'results/', 'tb_logger/', 'datasets/',
+    '.venv/', '__pycache__/', '*.egg-info/', 'experiments/', '/results/', 'tb_logger/', 'datasets/',
     '*.pth', '*.ckpt', '*.safetensors', '.pytest_cache/', 'build/', 'dist/', '.whl/', '.gl/'])
 def test_gitignore_covers(pattern):
     lines = {line.strip() for line in read('.gitignore').splitlines()}
@@ -66,3 +66,14 @@ def test_console_scripts_installed():
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == 'console_scripts'}
     assert scripts.get('grl-convert') == 'grl_plugin.cli.convert:main'
     assert scripts.get('grl-demo') == 'grl_plugin.cli.demo:main'
+
+
+def test_benchmark_results_are_tracked_not_ignored():
+    """BasicSR's results/ folder (at the root) is ignored; benchmarks/results/ holds the JSON of
+    the measured tables and is part of the tree."""
+    import subprocess
+    res = subprocess.run(['git', 'check-ignore', '-q', 'benchmarks/results/cpu_tricks.json'], cwd=REPO_ROOT)
+    if res.returncode == 128:  # not a git checkout
+        pytest.skip('not a git checkout')
+    assert res.returncode == 1  # not ignored
+    assert subprocess.run(['git', 'check-ignore', '-q', 'results/x.png'], cwd=REPO_ROOT).returncode == 0
