@@ -16,11 +16,11 @@
 # Results: JSON in --out / $GRL_GPU_RESULTS (default benchmarks/results), one file per stage
 # and gpu_check.json; scratch data in <out>/work (removed at the end unless GRL_KEEP_WORK=1).
 # --cpu-smoke: the same steps in miniature on the CPU (gloo, tiny sizes, test_cuda.py with
-# GRL_TEST_CUDA_DEVICE=cpu); nothing is installed. Uses `python` from PATH (or $PYTHON).
+# GRL_TEST_CUDA_DEVICE=cpu); nothing is unpacked. Uses `python` from PATH (or $PYTHON).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 ONLY="tests,job,bench"
 OUT="${GRL_GPU_RESULTS:-$ROOT/benchmarks/results}"
 WHEELS="${GRL_WHEELS:-$ROOT/.whl}"
@@ -70,19 +70,38 @@ if [ "$SMOKE" = 1 ]; then
 else
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' \
         || die "no CUDA device visible to torch (use --cpu-smoke for a CPU run)"
-    # module -> distribution: installed from the wheel folder only when the import fails
+    # module -> distribution, unpacked from the wheel folder into a scratch site folder (on
+    # PYTHONPATH) only when the import fails: no pip, no network, nothing written to the image
     MISSING=()
-    for pair in basicsr:basicsr lmdb:lmdb yaml:PyYAML tqdm:tqdm requests:requests urllib3:urllib3 idna:idna \
+    for pair in basicsr:basicsr lmdb:lmdb yaml:pyyaml tqdm:tqdm requests:requests urllib3:urllib3 idna:idna \
                 certifi:certifi charset_normalizer:charset_normalizer addict:addict yapf:yapf \
                 platformdirs:platformdirs future:future; do
         "$PY" -c "import ${pair%%:*}" 2>/dev/null || MISSING+=("${pair#*:}")
     done
-    "$PY" -c 'from distutils.version import LooseVersion' 2>/dev/null || MISSING+=(setuptools)
+    NEED_DISTUTILS=0
+    "$PY" -c 'from distutils.version import LooseVersion' 2>/dev/null || { NEED_DISTUTILS=1; MISSING+=(setuptools); }
     if [ ${#MISSING[@]} -gt 0 ]; then
         [ -d "$WHEELS" ] || die "missing ${MISSING[*]} and no wheel folder '$WHEELS' (fill it with benchmarks/gpu_wheels.sh, pass --wheels DIR)"
-        echo "== installing from $WHEELS: ${MISSING[*]}"
-        "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "${MISSING[@]}" \
-            || die "pip could not install ${MISSING[*]} from '$WHEELS'"
+        SITE="$OUT/work/site"
+        mkdir -p "$SITE"
+        echo "== unpacking from $WHEELS: ${MISSING[*]}"
+        "$PY" - "$WHEELS" "$SITE" "${MISSING[@]}" <<'PYEOF' || exit 2
+import sys, zipfile
+from pathlib import Path
+wheels, site, names = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+for name in names:
+    found = sorted(w for w in wheels.glob("*.whl") if w.name.lower().split("-")[0] == name.lower())
+    if not found:
+        sys.exit(f"gpu_check.sh: error: no wheel of {name} in {wheels} (fill it with benchmarks/gpu_wheels.sh)")
+    try:
+        zipfile.ZipFile(found[-1]).extractall(site)
+    except (OSError, zipfile.BadZipFile) as err:
+        sys.exit(f"gpu_check.sh: error: cannot unpack {found[-1]}: {err}")
+    print(f"   {found[-1].name}")
+PYEOF
+        # basicsr imports distutils (gone in Python 3.12): setuptools' copy under that name
+        if [ "$NEED_DISTUTILS" = 1 ]; then cp -r "$SITE/setuptools/_distutils" "$SITE/distutils"; fi
+        export PYTHONPATH="$PYTHONPATH:$SITE"
     fi
     "$PY" -c 'import grl_plugin, basicsr' || die "grl_plugin / basicsr do not import after the installs"
 fi
@@ -93,7 +112,8 @@ for s in "${STAGES[@]}"; do
     echo "== stage $s ($(date -u +%H:%M:%S))"
     "$PY" benchmarks/gpu_check.py "$s" --out "$OUT" --work "$WORK" "${SMOKE_ARG[@]}" || FAILED=1
 done
-[ "${GRL_KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
+[ "${GRL_KEEP_WORK:-0}" = 1 ] || find "$WORK" -mindepth 1 -maxdepth 1 ! -name site -exec rm -rf {} +
 echo
 "$PY" benchmarks/gpu_check.py summary --out "$OUT" "${SMOKE_ARG[@]}" || FAILED=1
+[ "${GRL_KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
 exit "$FAILED"
