@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 NAN = float("nan")
 ITER_LINE = re.compile(r"iter:\s*([\d,]+), lr:.*?l_pix: (\S+)")
 ITER_TIME = re.compile(r"time \(data\): ([\d.]+) ")
+RUN_TIMEOUT = 300  # seconds for one grl-train / grl-test run (a hung one does not eat the device time)
 PSNR_LINE = re.compile(r"# psnr: ([\d.]+)")
 
 # imported by grl-train (--import): deterministic kernels, so that an interrupted and an
@@ -73,7 +74,7 @@ GRLModel.save = _save_then_pause
 
 
 def _descendants(pid: int) -> list:
-    """Process ids below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    """Process ids below ``pid`` (torchrun's workers are not in its process group)."""
     children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -182,9 +183,27 @@ def _losses(folder: Path) -> list:
     return out
 
 
-def _run_logged(cmd, cwd, log: Path, env, timeout=None) -> int:
+def _kill_tree(proc) -> None:
+    """SIGKILL ``proc``'s descendants (deepest first), then ``proc``."""
+    for pid in reversed(_descendants(proc.pid)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+    proc.wait()
+
+
+def _run_logged(cmd, cwd, log: Path, env, timeout=RUN_TIMEOUT) -> int:
+    """Run ``cmd`` with its output in ``log``; past ``timeout`` it is killed (workers too) and
+    ``TimeoutError`` raised."""
     with open(log, "w") as f:
-        return subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+            raise TimeoutError(f"{' '.join(map(str, cmd[:6]))}... ran past {timeout} s; output in {log.name}")
 
 
 def _tail(log: Path, n: int = 2500) -> str:
@@ -249,16 +268,15 @@ def stage_job(args) -> dict:
     with open(work / "killed.out", "w") as f:
         proc = subprocess.Popen(_torchrun(opts["job_run"], work / "run", work), cwd=work, env=kill_env, stdout=f,
                                 stderr=subprocess.STDOUT)
-        while proc.poll() is None and not mark.is_file():
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while proc.poll() is None and not mark.is_file() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if proc.poll() is not None:
-            result["error"] = f"the run to kill ended by itself ({proc.returncode}) before {state.name}: " \
-                              + _tail(work / "killed.out")
-            return result
-        for pid in reversed(_descendants(proc.pid)):
-            os.kill(pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
+        ended = proc.poll()
+        _kill_tree(proc)  # the training process first, then torchrun
+    if ended is not None or not mark.is_file():
+        result["error"] = f"the run to kill ended by itself ({ended}) or hung before {state.name}: " \
+                          + _tail(work / "killed.out")
+        return result
     time.sleep(0.5)  # the killed processes' files closed
     killed_at = max((it for run in _losses(exp) for it, _ in run), default=0)
     result["checkpoint_at_kill"] = state.is_file()
@@ -273,11 +291,13 @@ def stage_job(args) -> dict:
     text = sorted(exp.glob("train_*.log"))[-1].read_text()
     m = re.search(r"Resuming training from epoch: (\d+), iter: (\d+)", text)
     result["resumed_from_iter"] = int(m.group(2)) if m else None
-    same = [v == reference.get(it) for it, v in resumed]
+    # every logged loss of the killed and of the resumed run against the uninterrupted run's
+    logged = [x for run in runs for x in run]
+    same = [v == reference.get(it) for it, v in logged]
     rel = [abs(float(v) - float(reference[it])) / max(abs(float(reference[it])), 1e-12)
-           for it, v in resumed if it in reference]
+           for it, v in logged if it in reference]
     result.update(resumed_iters=[resumed[0][0], resumed[-1][0]] if resumed else [],
-                  resumed_equal=len(same) > 0 and all(same), resumed_mismatches=same.count(False),
+                  resumed_equal=bool(resumed) and all(same), resumed_mismatches=same.count(False),
                   resumed_max_rel_diff=max(rel) if rel else NAN,
                   loss_first=reference.get(1), loss_last=reference.get(sz["iters"]))
     # 4. grl-test with tiles on held-out crops, PSNR against bicubic
@@ -295,8 +315,8 @@ def stage_job(args) -> dict:
     result["wall_s"] = time.perf_counter() - t0
     result["ok"] = bool(result["resumed_equal"] and result["checkpoint_at_kill"] and killed_at < sz["iters"]
                         and math.isfinite(result["test_psnr"]))
-    if not result["ok"]:
-        result["error"] = "resumed losses differ from the uninterrupted run's" if not result["resumed_equal"] \
+    if not result["ok"]:  # (not "error": the summary still shows the numbers)
+        result["problem"] = "resumed losses differ from the uninterrupted run's" if not result["resumed_equal"] \
             else "no PSNR from grl-test or the kill came too late"
     return result
 
