@@ -39,7 +39,7 @@ class BiasCacheBudget:
             raise ValueError(f"bias_cache_mib must be >= 0, got {max_mib!r}")
         self.max_mib = max_mib
         self.max_bytes = int(max_mib * 2 ** 20)
-        self.members: "weakref.WeakSet[AffineTransform]" = weakref.WeakSet()
+        self.members: weakref.WeakSet = weakref.WeakSet()  # the AffineTransforms holding entries
 
     def used(self) -> int:
         """Bytes held by the caches of the modules sharing this budget."""
