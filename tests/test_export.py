@@ -42,11 +42,11 @@ def test_export_matches_pytorch(tmp_path, capsys, depth, tile):
     assert delta <= 1e-4
     # an independent run on a real-looking input
     x = torch.linspace(0, 1, 3 * tile * tile).reshape(1, 3, tile, tile).flip(-1)
-    session = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
-    (inp, ), (outp, ) = session.get_inputs(), session.get_outputs()
+    runner = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    (inp, ), (outp, ) = runner.get_inputs(), runner.get_outputs()
     assert inp.name == 'input' and list(inp.shape) == [1, 3, tile, tile]
     assert list(outp.shape) == [1, 3, 2 * tile, 2 * tile]
-    y = session.run(None, {'input': x.numpy()})[0]
+    y = runner.run(None, {'input': x.numpy()})[0]
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(y - ref).max() <= 1e-4

@@ -105,8 +105,8 @@ def export(args: argparse.Namespace) -> int:
         onnx.checker.check_model(str(out))
     except Exception as err:
         raise InferError(f'onnx.checker rejects {out} ({_one_line(err)[:300]})') from None
-    session = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
-    y = session.run(None, {'input': x.numpy()})[0]
+    runner = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
+    y = runner.run(None, {'input': x.numpy()})[0]
     if tuple(y.shape) != tuple(ref.shape):
         print(f'grl-export: check FAILED: onnxruntime output {tuple(y.shape)} vs PyTorch {tuple(ref.shape)}')
         return 1
