@@ -144,10 +144,10 @@ def test_cpb_grid_form_only_for_large_cpu_grids():
     found once per table."""
     table = coords_table((64, 64), 1, torch.device("cpu"))
     first = cpb_mod.grid_axes(table)
-    info = geometry_mod._grid_axes.cache_info()
+    info = geometry_mod.grid_axes.cache_info()
     assert cpb_mod.grid_axes(table) is first and cpb_mod.grid_axes(table) is first
-    assert geometry_mod._grid_axes.cache_info().hits == info.hits + 2
-    assert geometry_mod._grid_axes.cache_info().misses == info.misses
+    assert geometry_mod.grid_axes.cache_info().hits == info.hits + 2
+    assert geometry_mod.grid_axes.cache_info().misses == info.misses
     assert cpb_mod.grid_axes(coords_table((8, 8), 1, torch.device("cpu"))) is None
     side = int(cpb_mod._GRID_MIN_CELLS ** 0.5) + 1
     lin = torch.linspace(-1, 1, side)
@@ -157,7 +157,8 @@ def test_cpb_grid_form_only_for_large_cpu_grids():
     meta = table.to("meta")
     assert cpb_mod.grid_axes(meta) is None
     t = AffineTransform(2).to("meta")
-    out = t._bias_values(meta)
+    lin1, lin2 = t.cpb_mlp[0], t.cpb_mlp[2]
+    out = cpb_mod.cpb_values(meta.reshape(-1, 2), lin1.weight, lin1.bias, lin2.weight, cpb_mod.grid_axes(meta))
     assert out.shape == (2, 127 * 127) and out.device.type == "meta"
 
 
@@ -302,6 +303,14 @@ def test_bench_attention_breakdown_smoke():
     assert close(row["rest fast/ref"], fast_total - fast_attn, ref_total - ref_attn, err=0.1)
 
 
+def _explicit(q, k, v, bias, mask):
+    """softmax(q k^T + bias [+ mask]) @ v in plain operations (the mask batch-major over windows)."""
+    s = q @ k.transpose(-2, -1) + bias
+    if mask is not None:
+        s = (s.view(-1, mask.shape[0], *s.shape[1:]) + mask[None, :, None]).view(s.shape)
+    return s.softmax(-1) @ v
+
+
 def _real_mask_factors_for_random_mask(mask, n1, n2):
     """``_mask_columns`` for the random test masks (which do not factor by regions): exact
     factors a = [mask, 0], b = [identity, 0] (R = N2 + 1 columns, not a multiple of 8)."""
@@ -371,8 +380,8 @@ def test_fused_eval_path_matches_reference(masked, n2, batch, monkeypatch):
     kernel and give the reference's result, for one image (its windows are the kernel's batch)
     and two (the per-window bias + mask broadcast over images)."""
     fused_calls = []
-    real = cpu_mod._fused
-    monkeypatch.setattr(cpu_mod, "_fused", lambda *a, **kw: (fused_calls.append(1), real(*a, **kw))[1])
+    real = sdpa_mod.fused
+    monkeypatch.setattr(sdpa_mod, "fused", lambda *a, **kw: (fused_calls.append(1), real(*a, **kw))[1])
     t, table, index, mask, (q, k, v) = _attention_inputs(masked, requires_grad=False, n2=n2, batch=batch)
     with torch.no_grad():
         ref = cosine_attention(q, k, v, t, table, index, mask, impl="reference")
@@ -548,26 +557,6 @@ def test_cpu_softmax_floor_matches_softmax_and_leaves_no_subnormals():
         assert float(p.min()) >= 0.99e-20 / s.shape[-1]  # the floor, divided by a row sum <= N2
 
 
-@pytest.mark.parametrize("masked,columns", [(False, False), (True, False), (True, True)])
-def test_head_dim_padding_for_fused_kernels_changes_nothing(masked, columns, monkeypatch):
-    """GRL-B's head dim 30 is zero-padded for SDPA's CUDA kernels (multiple 4 or 8); forced here
-    on the CPU, the padded call gives the unpadded result, gradients included; also with the
-    region mask as extra q/k columns (their count padded to the multiple as well)."""
-    if columns:
-        monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 1)
-        monkeypatch.setattr(sdpa_mod, "mask_columns", _real_mask_factors_for_random_mask)
-    t, table, index, mask, (q, k, v) = _attention_inputs(masked)
-    q, k, v = (x[..., :3] for x in (q, k, v))  # head dim 3: padded to 8
-    bias = t.position_bias(table, index)
-    plain = sdpa_mod.fused(q, k, v, bias, mask, head_multiple=1)
-    padded = sdpa_mod.fused(q, k, v, bias, mask, head_multiple=8)
-    assert padded.shape == plain.shape and (padded - plain).abs().max() <= 1e-6
-    g1 = torch.autograd.grad(plain.sum(), (q, k, v), retain_graph=True)
-    g2 = torch.autograd.grad(padded.sum(), (q, k, v))
-    # float32 rounding relative to the gradients' size (up to ~14 here; AVX2 and AVX-512 kernels differ)
-    assert all((a - b).abs().max() <= 1e-6 * max(1.0, float(a.abs().max())) for a, b in zip(g1, g2))
-
-
 @pytest.mark.parametrize("save_probs", [False, True])
 @pytest.mark.parametrize("columns", [True, False])
 def test_region_mask_as_extra_columns_matches_reference_eval_and_training(save_probs, columns, monkeypatch):
@@ -577,16 +566,16 @@ def test_region_mask_as_extra_columns_matches_reference_eval_and_training(save_p
     windows (no per-window bias + mask), and gives the reference's results and gradients.
     Below ``_MASK_COLUMNS_MIN_PAIRS`` (as for these 64-token windows by default) it forms
     bias + mask for all windows, also in one call."""
-    from grl_plugin.layers.geometry import coords_table, mask_factors, mask_split, relative_index, window_mask
+    from grl_plugin.layers.geometry import coords_table, mask_factors, masked_windows, relative_index, window_mask
     use_lean_backward(monkeypatch, save_probs)
     if columns:
         monkeypatch.setattr(sdpa_mod, "_MASK_COLUMNS_MIN_PAIRS", 64 * 64)
     cpu = torch.device("cpu")
     mask = window_mask((32, 32), 8, 4, cpu)
-    masked, plain, values = mask_split(mask)
-    assert masked.tolist() == [3, 7, 11, 12, 13, 14, 15] and plain.numel() == 9
-    assert torch.equal(values, mask[masked]) and not mask[plain].any()
-    assert mask_split(mask)[0] is masked  # cached
+    masked = masked_windows(mask)
+    plain = torch.tensor([w for w in range(16) if w not in masked.tolist()])
+    assert masked.tolist() == [3, 7, 11, 12, 13, 14, 15] and mask[masked].flatten(1).eq(-100).any(1).all()
+    assert not mask[plain].any() and masked_windows(mask) is masked  # cached
     a, b = mask_factors(mask)
     assert a.shape == (16, 64, 4) and b.shape == (16, 64, 4) and mask_factors(mask)[0] is a
     assert torch.equal(a @ b.transpose(1, 2), mask)
@@ -710,31 +699,6 @@ def test_lean_attention_value_head_dim_differs(monkeypatch):
         assert (a - b).abs().max() <= TOL * max(1.0, float(b.abs().max()))
 
 
-def test_two_step_bias_gather_equals_plain_gather(monkeypatch):
-    """The two-step position-bias gather (runs of equal table row copied whole) gives the
-    plain gather's values and gradients for the window and both stripe indices of the SR
-    and model-YAML geometries; runs shorter than 4 keys get no plan."""
-    from grl_plugin.layers.geometry import coords_table, gather_plan, relative_index
-    cpu = torch.device("cpu")
-    cases = [((32, 32), 1, True), ((64, 64), 4, True), ((64, 64), 4, False), ((64, 32), 4, True),
-             ((8, 8), 1, True), ((8, 16), 4, False)]
-    for window, df, w2a in cases:
-        index, table = relative_index(window, df, w2a, cpu), coords_table(window, df, cpu)
-        width = table.shape[-2]
-        patterns, runs, rows = gather_plan(index, width)
-        assert index.numel() % runs.numel() == 0 and index.numel() // runs.numel() >= 4
-        values = torch.randn(3, table.shape[1] * width, requires_grad=True)
-        plain = bias_mod.gather_bias(values, index)
-        monkeypatch.setattr(bias_mod, "_LARGE_INDEX_MIN", 1)  # also the small indices
-        two = bias_mod.gather_bias(values, index, width)
-        assert torch.equal(two, plain)
-        w = torch.randn_like(plain)
-        g1, = torch.autograd.grad((plain * w).sum(), values)
-        g2, = torch.autograd.grad((two * w).sum(), values)
-        assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-4)  # (sums in another order)
-    assert gather_plan(relative_index((2, 2), 1, True, cpu), 3) is None  # runs of 2
-
-
 def test_reversed_keys_plan_is_the_index_as_strides():
     """With the keys in reverse order, GRL's window and stripe indices (SR and model-YAML
     geometries, both stripe directions, non-square windows) are the table seen through strides
@@ -782,8 +746,8 @@ def test_cpu_kernels_take_the_true_head_dim_and_the_mask_columns(monkeypatch):
     for d, masked, width in [(30, False, 30), (24, False, 24), (28, True, 32), (30, True, 34), (26, True, 30)]:
         m = mask if masked else None
         q, k, v = (torch.randn(8, 2, 64, d) for _ in range(3))
-        want = sdpa_mod.explicit(q, k, v, bias, m, 0.0, inplace=False)
-        got = [cpu_mod._fused(q, k, v, bias, m), cpu_mod._fused_with_lse(q, k, v, bias, m)[0],
+        want = _explicit(q, k, v, bias, m)
+        got = [sdpa_mod.fused(q, k, v, bias, m), cpu_mod._fused_with_lse(q, k, v, bias, m)[0],
                cpu_mod._grouped_flash(q, k.flip(-2), v.flip(-2), bias_mod.grouped_bias(values, plan),
                                       None if m is None else m.flip(-1))]
         assert widths == [width] * (2 + 8), (d, masked, widths)  # (the grouped call: one per window)
@@ -823,7 +787,7 @@ def test_grouped_flash_equals_attention_with_the_gathered_bias(monkeypatch):
         q, k = torch.randn(n, 3, n1, 6), torch.randn(n, 3, n2, 6)
         for dv in (6, 5):
             v = torch.randn(n, 3, n2, dv)
-            want = sdpa_mod.explicit(q, k, v, bias, mask, 0.0, inplace=False)
+            want = _explicit(q, k, v, bias, mask)
             got = cpu_mod._grouped_flash(q, k.flip(-2), v.flip(-2), bias_mod.grouped_bias(values, plan),
                                                None if mask is None else mask.flip(-1))
             assert got.shape == want.shape

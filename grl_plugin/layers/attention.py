@@ -8,16 +8,11 @@ For queries ``q``, keys ``k`` and values ``v`` of one window or stripe::
     out    = softmax(logits) @ v
 
 :func:`cosine_attention` is the one entry point. ``impl="reference"`` runs these steps one by
-one (the official code's; the oracle of every test). ``impl="sdpa"`` (default) computes the same
-with faster executors, chosen here and nowhere else:
-
-* tracing / ONNX export and attention dropout: :func:`.kernels.sdpa.explicit`;
-* CPU tensors: :func:`.kernels.cpu.attention` (its own forward and backward, see there);
-* every other device (CUDA), and under ``torch.compile``: :func:`.kernels.sdpa.attention`
-  (PyTorch's fused ``scaled_dot_product_attention`` with the bias as its additive mask).
-
-The position bias of the fast path is formed and cached by :mod:`.bias`; the bias MLP's fast
-forms are in :mod:`.cpb`.
+one, as the official code (the oracle of every test); ``impl="sdpa"`` (default) dispatches, here
+and nowhere else, to a faster executor of the same function: plain operations for tracing /
+ONNX export and attention dropout, :func:`.kernels.cpu.attention` for CPU tensors,
+:func:`.kernels.sdpa.attention` (PyTorch's fused SDPA) on other devices and under
+``torch.compile``. The fast path's bias is formed and cached by :mod:`.bias`, its MLP by :mod:`.cpb`.
 """
 from __future__ import annotations
 
@@ -63,7 +58,7 @@ class AffineTransform(nn.Module):
         self.bias_budget = bias.DEFAULT_BIAS_BUDGET
 
     def cache_bytes(self) -> int:
-        """Bytes held by this module's eval-time position-bias cache."""
+        """Bytes held by this module's eval-time position-bias cache (:mod:`.bias`)."""
         return sum(entry[2].numel() * entry[2].element_size() for entry in self._bias_cache.values())
 
     def scale(self) -> torch.Tensor:
@@ -71,46 +66,30 @@ class AffineTransform(nn.Module):
         return torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()
 
     def position_bias_reference(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The continuous position bias: MLP on the coordinate table, gathered by the relative
-        ``index`` (N1, N2), 16 * sigmoid -> (heads, N1, N2)."""
+        """16 * sigmoid(cpb_mlp(table)) gathered by the relative ``index`` (N1, N2) -> (heads, N1, N2)."""
         values = self.cpb_mlp(table.to(self.logit_scale.dtype)).view(-1, self.num_heads)
         bias = values[index.reshape(-1)].view(*index.shape, -1).permute(2, 0, 1).contiguous()
         return 16 * torch.sigmoid(bias)
 
     def position_bias(self, table: torch.Tensor, index: torch.Tensor,
                       mask: Optional[torch.Tensor] = None, plan=None) -> torch.Tensor:
-        """:meth:`position_bias_reference` (+ ``mask``) as the fast path forms and caches it
-        (:func:`.bias.position_bias`)."""
+        """:meth:`position_bias_reference` (+ ``mask``) as the fast path caches it (:mod:`.bias`)."""
         return bias.position_bias(self, table, index, mask, plan)
 
     def bias_values(self, table: torch.Tensor) -> torch.Tensor:
-        """16 * sigmoid(cpb_mlp(table)) for every table cell, head-major: (heads, T).
-
-        The MLP is :mod:`.cpb`'s: on CPU, for GRL's large windows and stripes, in its grid form
-        (no (T, 512) hidden layer at all); with autograd, by :class:`~.cpb.CpbMlp`, which keeps
-        no hidden layer for the backward. Under autocast the MLP and the sigmoid run in
-        float32 (as the grid form always does; the table is small) and the values are rounded
-        to the autocast dtype once, in training and eval alike (the reference path's MLP runs
-        in the autocast dtype: its values differ by that rounding)."""
+        """16 * sigmoid(cpb_mlp(table)) per table cell, head-major (heads, T), by :mod:`.cpb`.
+        Under autocast computed in float32 and rounded once (the reference path's MLP runs in
+        the autocast dtype: its values differ by that rounding)."""
         device = table.device.type
         if torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
                 return self.bias_values(table).to(torch.get_autocast_dtype(device))
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.logit_scale.requires_grad:
-            if self._bias_cache:  # training: the eval-time biases go stale with the next step
-                self._bias_cache = {}
-            return 16 * torch.sigmoid(CpbMlp.apply(*self._mlp_inputs(table)))
-        return self._bias_values(table)
-
-    def _mlp_inputs(self, table: torch.Tensor):
-        """(t (T, 2), w1, b1, w2, axes) for :func:`~.cpb.cpb_values` / :class:`~.cpb.CpbMlp`;
-        ``axes`` (:func:`~.cpb.grid_axes`) where the grid form runs, else ``None``."""
         lin1, lin2 = self.cpb_mlp[0], self.cpb_mlp[2]
-        t = table.reshape(-1, 2).to(lin1.weight.dtype)
-        return t, lin1.weight, lin1.bias, lin2.weight, grid_axes(table)
-
-    def _bias_values(self, table: torch.Tensor) -> torch.Tensor:
-        return 16 * torch.sigmoid(cpb_values(*self._mlp_inputs(table)))
+        inputs = (table.reshape(-1, 2).to(lin1.weight.dtype), lin1.weight, lin1.bias, lin2.weight, grid_axes(table))
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.logit_scale.requires_grad:
+            self._bias_cache = {}  # training: the eval-time biases go stale with the next step
+            return 16 * torch.sigmoid(CpbMlp.apply(*inputs))
+        return 16 * torch.sigmoid(cpb_values(*inputs))
 
     def train(self, mode: bool = True):  # training: the eval-time biases go stale with the next step
         if mode:
@@ -131,41 +110,39 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
     Args:
         q: (B*nW, heads, N1, d) queries; ``k`` (B*nW, heads, N2, d); ``v`` (B*nW, heads, N2, dv).
         transform: the :class:`AffineTransform` holding logit scale and CPB MLP.
-        table, index: coordinate table and (N1, N2) relative index from ``layers.geometry``.
-        mask: optional (nW, N1, N2) additive mask; the leading dim of ``q`` is batch-major
-            over the nW windows (as produced by the window/stripe partition).
-        dropout_p: attention dropout (only applied when > 0).
+        table, index: coordinate table and (N1, N2) relative index (``layers.geometry``).
+        mask: optional (nW, N1, N2) additive mask; ``q``'s leading dim is batch-major over nW.
+        dropout_p: attention dropout (applied when > 0).
         impl: ``"sdpa"`` or ``"reference"``.
-        normalized: ``"sdpa"`` only: q and k are already normalised and q carries the logit
-            scale (:func:`normalize_qkv`), as the window and stripe modules hand them over.
-        lean_backward: CPU training memory/speed trade-off of ``"sdpa"``: ``None`` (automatic)
-            recomputes the probabilities P in the backward where P is larger than the q, k, v
-            and output kept anyway, ``True`` always (and keeps no
-            output: least memory), ``False`` never (fastest backward).
+        normalized: ``"sdpa"`` only: q and k come normalised, q scaled (:func:`normalize_qkv`).
+        lean_backward: CPU training trade-off of ``"sdpa"``: ``None`` recomputes the
+            probabilities in the backward where they are larger than q, k, v and the output,
+            ``True`` always (least memory), ``False`` never (fastest).
 
     Returns:
         (B*nW, heads, N1, dv).
     """
     if impl == "reference":  # the official steps, one by one
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        attn = attn * transform.scale()
-        attn = attn + transform.position_bias_reference(table, index).unsqueeze(0)
-        if mask is not None:
-            n_w, heads, n1, n2 = mask.shape[0], attn.shape[1], attn.shape[2], attn.shape[3]
-            attn = (attn.view(-1, n_w, heads, n1, n2) + mask[None, :, None]).view(-1, heads, n1, n2)
-        attn = attn.softmax(dim=-1)
-        if dropout_p > 0:
-            attn = F.dropout(attn, dropout_p)
-        return attn @ v
+        logits = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * transform.scale()
+        return _softmax_attend(logits, transform.position_bias_reference(table, index), mask, dropout_p, v)
     if impl != "sdpa":
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    if not normalized:  # normalise q and fold the logit scale in with one pass over q: q * (scale / |q|)
+    if not normalized:  # q * (scale / |q|): normalised and scaled in one pass
         q = q * (transform.scale().to(q.dtype) / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_EPS))
         k = F.normalize(k, dim=-1, eps=_EPS)
-    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    if exporting or dropout_p > 0:  # (in-place ops on views do not export)
-        return sdpa.explicit(q, k, v, transform.position_bias(table, index).to(q.dtype), mask, dropout_p,
-                             inplace=not exporting)
+    if dropout_p > 0 or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # plain operations
+        return _softmax_attend(q @ k.transpose(-2, -1), transform.position_bias(table, index).to(q.dtype), mask,
+                               dropout_p, v)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         return cpu.attention(q, k, v, transform, table, index, mask, lean_backward)
     return sdpa.attention(q, k, v, transform, table, index, mask)
+
+
+def _softmax_attend(logits, bias, mask, dropout_p, v):
+    """softmax(logits + bias [+ mask]) [dropout] @ v, the mask (nW, N1, N2) batch-major over nW."""
+    attn = logits + bias.unsqueeze(0)
+    if mask is not None:
+        heads, n1, n2 = attn.shape[1:]
+        attn = (attn.view(-1, mask.shape[0], heads, n1, n2) + mask[None, :, None]).view(-1, heads, n1, n2)
+    attn = attn.softmax(dim=-1)
+    return (F.dropout(attn, dropout_p) if dropout_p > 0 else attn) @ v

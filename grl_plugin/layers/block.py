@@ -1,10 +1,10 @@
-"""The GRL transformer block and stage (SPEC §2-§4).
+"""The GRL transformer block and stage.
 
 :class:`MixedAttention` splits one QKV projection into a window half (regional) and a stripe
-half (global), :class:`GRLBlock` adds the res-post-norm residuals, the MLP and optionally the
-local conv branch, and :class:`GRLStage` stacks blocks with the official shift / stripe
-pattern and a closing convolution. Every module takes either (B, C, H, W) maps of any size
-(padded inside, output cropped) or the (B, L, C) tokens + ``x_size`` form the network uses.
+half (global); :class:`GRLBlock` adds the res-post-norm residuals, the MLP and optionally the
+local conv branch; :class:`GRLStage` stacks blocks in the official shift / stripe pattern with
+a closing convolution. Each takes (B, C, H, W) maps of any size (padded inside, cropped) or
+(B, L, C) tokens + ``x_size``.
 """
 from __future__ import annotations
 
@@ -27,11 +27,8 @@ CONV_TYPES = ("1conv", "3conv", "1conv1x1", "linear")
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad (B, C, H, W) on the right/bottom to multiples of ``multiple``.
-
-    Reflect padding, falling back to zeros where reflection is impossible (pad >= side), as the
-    official GRL does (SPEC §1.4).
-    """
+    """Pad (B, C, H, W) right/bottom to multiples of ``multiple``: reflect, or zeros where the
+    pad is not smaller than the side (as the official GRL)."""
     H, W = x.shape[-2:]
     ph, pw = (-H) % multiple, (-W) % multiple
     if not ph and not pw:
@@ -48,21 +45,16 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_map(x: torch.Tensor, x_size: Tuple[int, int], channels_last: bool = False) -> torch.Tensor:
-    """(B, H*W, C) -> (B, C, H, W): a contiguous copy, or with ``channels_last`` a view of the
-    tokens with channels-last strides (which :func:`to_tokens` turns back into tokens without
-    copying; convolutions keep that layout)."""
+    """(B, H*W, C) -> (B, C, H, W): a copy, or with ``channels_last`` a channels-last view."""
     if channels_last:
         return x.reshape(x.shape[0], x_size[0], x_size[1], x.shape[-1]).permute(0, 3, 1, 2)
     return rearrange(x, "b (h w) c -> b c h w", h=x_size[0], w=x_size[1])
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (active in training only).
-
-    Eager: ``bernoulli_(1 - drop_prob)`` per sample, as the official code draws. Under
-    ``torch.compile`` the rate is read from a 0-dim buffer (``uniform < keep``), so that blocks
-    of different rates share one compiled graph (a Python float would be baked into the graph:
-    one recompilation per block with :func:`compile_blocks`, past dynamo's recompile limit)."""
+    """Stochastic depth per sample, in training (eager: ``bernoulli_(1 - drop_prob)`` as the
+    official code; compiled: ``uniform < keep`` with ``keep`` a 0-dim buffer, so blocks of
+    different rates share one graph under :func:`compile_blocks`)."""
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
@@ -75,9 +67,7 @@ class DropPath(nn.Module):
     @drop_prob.setter
     def drop_prob(self, value: float) -> None:
         self._drop_prob = float(value)
-        self._drops = self._drop_prob != 0.0  # (a bool: compiled graphs are guarded on it, not on the rate)
-        # 1 - rate as a tensor that moves with the module (no host -> device copy in a forward,
-        # a static input of a CUDA graph), not in the state dict
+        self._drops = self._drop_prob != 0.0  # (compiled graphs are guarded on this bool, not the rate)
         old = self._buffers.get("_keep")
         self.register_buffer("_keep", torch.tensor(1.0 - self._drop_prob, device=None if old is None else old.device),
                              persistent=False)
@@ -101,15 +91,13 @@ _UNSET = object()
 
 
 def configure(module: nn.Module, *, lean_backward=_UNSET, bias_cache_mib=_UNSET) -> nn.Module:
-    """Set run-time options on every GRL layer inside ``module`` (a network, a stage, a block);
-    nothing outside it changes. Returns ``module``.
+    """Set run-time options on every GRL layer inside ``module`` (nothing outside); returns it.
 
-    * ``lean_backward``: the CPU training memory/speed trade-off of the fast path -- ``None``
-      (default, automatic), ``True`` (least memory: attention probabilities, MLP hidden layers
-      and post-norm inputs recomputed in the backward) or ``False`` (fastest: all kept); see
-      :func:`~.attention.cosine_attention`.
-    * ``bias_cache_mib``: one new :class:`~.attention.BiasCacheBudget` of that many MiB shared by
-      the module's attentions (0: no eval-time position-bias caching); their caches are emptied.
+    * ``lean_backward``: the fast path's training memory/speed trade-off: ``None`` (default,
+      automatic), ``True`` (least memory: attention probabilities, MLP hidden layers and
+      post-norm inputs recomputed in the backward) or ``False`` (fastest: all kept).
+    * ``bias_cache_mib``: a new :class:`~.bias.BiasCacheBudget` of that many MiB for the module's
+      attentions (0: no eval-time position-bias caching); their caches are emptied.
     """
     if bias_cache_mib is not _UNSET:
         budget = BiasCacheBudget(bias_cache_mib)
@@ -130,10 +118,8 @@ def _tracing() -> bool:
 
 
 def _recompute(x: torch.Tensor, module: nn.Module, *dropouts: nn.Dropout) -> bool:
-    """Whether ``module``'s layers (and the post-norm after them) run under activation
-    checkpointing, so that only their input is kept for the backward: a forward that records
-    gradients, with its ``dropouts`` inactive, outside autocast and tracing, unless the
-    module's ``lean_backward`` is False (keep everything: fastest)."""
+    """Whether ``module``'s layers (+ post-norm) are recomputed in the backward, their input
+    kept: with autograd, ``dropouts`` inactive, no autocast or tracing, ``lean_backward`` not False."""
     return (torch.is_grad_enabled() and (not module.training or all(d.p == 0 for d in dropouts))
             and not torch.is_autocast_enabled(x.device.type) and not _tracing()
             and module.lean_backward is not False)
@@ -142,13 +128,9 @@ def _recompute(x: torch.Tensor, module: nn.Module, *dropouts: nn.Dropout) -> boo
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``).
 
-    ``lean`` (default, the fast path): in training without dropout or autocast the MLP (and the
-    block's post-norm after it, ``forward(x, norm)``) keeps only its input for the backward and
-    recomputes the rest there (``torch.utils.checkpoint``), unless ``lean_backward=False``;
-    same outputs and gradients. Stored as
-    ``attn_impl`` (``"reference"`` when not lean), the attribute ``GRL.set_attn_impl`` switches
-    on every module: the reference path of :class:`GRLBlock` turns it off.
-    """
+    ``lean`` (the fast path; stored as ``attn_impl``, which ``GRL.set_attn_impl`` switches):
+    the MLP and the post-norm of ``forward(x, norm)`` are recomputed in the backward
+    (``torch.utils.checkpoint``, see :func:`_recompute`)."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, lean: bool = True):
         super().__init__()
@@ -165,9 +147,6 @@ class Mlp(nn.Module):
         return self.attn_impl != "reference"
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
-        """``mlp(x)``, or ``norm(mlp(x))`` (a block's post-norm). On the lean path in training,
-        the hidden layer and the norm's input are recomputed in the backward instead of kept,
-        unless ``lean_backward`` is False."""
         if self.lean and _recompute(x, self, self.drop1, self.drop2):
             return checkpoint(self._layers, x, norm, use_reentrant=False)
         return self._layers(x, norm)
@@ -200,7 +179,7 @@ def build_last_conv(conv_type: str, dim: int) -> nn.Module:
 
 
 class QKVProjection(nn.Module):
-    """Token-wise QKV projection (key ``body``), output channels laid out as in SPEC §4."""
+    """Token-wise QKV projection (key ``body``; channels (window, stripe) x (q, k, v) x heads)."""
 
     def __init__(self, dim: int, qkv_bias: bool = True, proj_type: str = "linear"):
         super().__init__()
@@ -212,9 +191,7 @@ class QKVProjection(nn.Module):
         return self.body(x)
 
     def halves(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The window half and the stripe half of :meth:`forward`, each a contiguous tensor
-        (two products with halves of the weight: the token gathers that follow read them
-        without copying a strided slice first)."""
+        """The window and stripe halves of :meth:`forward`, each contiguous (two products)."""
         w, b = self.body.weight, self.body.bias
         half = w.shape[0] // 2
         return (F.linear(x, w[:half], None if b is None else b[:half]),
@@ -288,9 +265,7 @@ class MixedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, x_size: Tuple[int, int],
                 geom: Optional[GRLGeometry] = None, norm: Optional[nn.Module] = None) -> torch.Tensor:
-        """The attention output ``proj(...)``, or ``norm(proj(...))`` (a block's post-norm: on the
-        fast path in training the projection and the norm are recomputed in the backward, their
-        input kept, as in :class:`Mlp`)."""
+        """``proj(attention)``, or ``norm(proj(attention))`` (recomputed as in :class:`Mlp`)."""
         if geom is None:
             geom = self.geometry(x_size, x.device)
         stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
@@ -466,18 +441,12 @@ class GRLStage(_MapOrTokens):
 
 
 def compile_blocks(module: nn.Module, **compile_kwargs) -> nn.Module:
-    """Regional compilation: ``torch.compile`` the token forward of every :class:`GRLBlock` in
-    ``module``, in place (the rest runs eagerly), and return ``module``.
+    """Regional compilation: ``torch.compile`` (``compile_kwargs``) the token forward of every
+    :class:`GRLBlock` in ``module`` in place; returns ``module``.
 
-    All blocks share one code object, so dynamo compiles one graph per distinct block layout
-    (shifted or not, stripe type, stripe shift, with or without stochastic depth: at most 5 in
-    GRL's pattern) instead of the whole network, and blocks of a layout reuse it (each block's
-    drop-path rate is a tensor under compile, see :class:`DropPath`). Compiling takes less time
-    (GRL-S@sr's training step with inductor on a 2-core CPU: 103 s to the first step against the
-    whole network's 216 s); the geometry lookup stays outside the graphs. ``compile_kwargs``
-    go to ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs of the blocks). The state dict
-    is unchanged; :func:`uncompile_blocks` undoes it. Each block holds the compiled function
-    bound to itself, so ``copy.deepcopy`` (an EMA copy, say) rebinds it to the copy."""
+    The blocks share one compiled function, so dynamo compiles one graph per block layout (at
+    most 5 in GRL's pattern), far faster than the whole network; the state dict is unchanged,
+    ``copy.deepcopy`` rebinds it to the copy, :func:`uncompile_blocks` undoes it."""
     compiled = {}
     for m in module.modules():
         if isinstance(m, GRLBlock):

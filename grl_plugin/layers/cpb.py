@@ -1,28 +1,14 @@
-"""The continuous position bias MLP (SwinV2, GRL: SPEC §5) and its CPU training forms.
+"""The continuous position-bias MLP ``cpb(t) = w2 relu(w1 t + b1)`` (w1: (hidden, 2), b1:
+(hidden,), w2: (heads, hidden), hidden 512 in GRL) for every cell t of a coordinate table,
+head-major (heads, T), and its grid form for large tables on the CPU.
 
-The MLP maps every cell ``t = (y, x)`` of a relative-coordinate table to one value per head::
-
-    cpb(t) = w2 relu(w1 t + b1)        w1: (hidden, 2), b1: (hidden,), w2: (heads, hidden)
-
-computed here head-major, (heads, T), for the T cells at once (:func:`cpb_mlp`). GRL's hidden
-width is 512, so the plain form writes and reads a (T, 512) layer: 33 MB for the 127 x 127
-table of 64 x 64 stripes, several passes of it per training step and attention module (CPU:
-10-18 % of GRL-S's training step at the SR settings went here with the previous, blocked MLP).
-
-On a coordinate grid (every :func:`~.geometry.coords_table` is one: cell (i, j) = (a_i, b_j))
-the first layer is ``A[i, c] + b_j w[c]`` with ``A = a w1[:, 0]^T + b1`` and ``w = w1[:, 1]``.
-With the columns in ascending order, channel c of row i is on (``> 0``) for a run of columns:
-``j >= e[i, c]`` where ``w[c] > 0``, ``j < e[i, c]`` where ``w[c] <= 0`` (one
-``searchsorted``). On its run it adds ``w2[:, c] A[i, c] + b_j w2[:, c] w[c]`` to the row, so
-each row of the output is ``P(j) + b_j Q(j)`` with P and Q running sums over j of what the
-channels add where they switch on or off (:func:`_grid_forward`), and the weights' gradients
-are sums of the output gradient and of the output gradient times b_j over each channel's run,
-i.e. differences of running sums (:func:`_grid_backward`). That is O(rows x hidden +
-rows x cols) work instead of O(rows x cols x hidden), done in float64 (running sums of
-terms that cancel), with no (T, hidden) tensor. It is the CPU training and eval form for
-tables of ``_GRID_MIN_CELLS`` cells and more; elsewhere (small tables, GPUs, where the
-plain form is a few large kernels, ``torch.compile`` and tracing) the plain form runs, with
-its hidden layer recomputed in the backward instead of kept (:class:`CpbMlp`).
+On a grid (cell (i, j) = (a_i, b_j), as every :func:`~.geometry.coords_table`) the first
+layer is ``A[i, c] + b_j w[c]`` with ``A = a w1[:, 0]^T + b1``, ``w = w1[:, 1]``. Channel c of
+row i is on for a run of the (sorted) columns, ``j >= e[i, c]`` (``w[c] > 0``) or ``j <
+e[i, c]``, so each output row is ``P(j) + b_j Q(j)`` with P, Q running sums of what channels
+add where they switch on or off (:func:`_grid_forward`); the weights' gradients are
+differences of running sums (:func:`_grid_backward`). O(rows x (hidden + cols)) work in
+float64 and no (T, hidden) layer, instead of O(T x hidden).
 """
 from __future__ import annotations
 
@@ -31,48 +17,41 @@ from typing import Optional
 import torch
 
 from .geometry import GridAxes
-from .geometry import grid_axes as _cached_grid_axes
+from .geometry import grid_axes as _grid_axes
 
-# Tables of at least this many cells take the grid form on CPU (GRL's 32 x 32 windows: 63 x 63,
-# its 64 x 64 stripes: 79 x 79 and 127 x 127; not its 8 x 8 windows: 15 x 15, where the plain form's
-# (225, 512) layer is small and the grid form's ~30 small operations take longer)
+#: Tables of at least this many cells take the grid form on CPU (GRL's 32x32 windows and 64x64
+#: stripes; not its 8x8 windows' 15 x 15 tables).
 _GRID_MIN_CELLS = 1536
 
 
 def cpb_mlp(t: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The MLP head-major, ``w2 @ relu(t @ w1^T + b1)^T`` -> (heads, T), in one piece. ``t``: (T, 2)
-    cells; ``w1``, ``b1``, ``w2``: its ``Linear(2, hidden)`` and ``Linear(hidden, heads, bias=False)``."""
+    """``w2 @ relu(t @ w1^T + b1)^T`` -> (heads, T) for cells ``t`` (T, 2)."""
     return torch.mm(w2, torch.addmm(b1, t, w1.t()).relu_().t())
 
 
 def grid_axes(table: torch.Tensor) -> Optional[GridAxes]:
-    """The axes of a (1, rows, cols, 2) coordinate table for the grid form (cached per table,
-    :func:`~.geometry.grid_axes`), or ``None`` for the plain form: tables that are no grid, of
-    fewer than ``_GRID_MIN_CELLS`` cells, off the CPU, and under ``torch.compile`` or tracing."""
+    """The table's :class:`~.geometry.GridAxes` where the grid form runs (CPU, a grid of at least
+    ``_GRID_MIN_CELLS`` cells, not compiling or tracing), else ``None``."""
     if (table.dim() != 4 or table.device.type != "cpu" or table.numel() // 2 < _GRID_MIN_CELLS
             or torch.compiler.is_compiling() or torch.jit.is_tracing()):
         return None
-    return _cached_grid_axes(table)
+    return _grid_axes(table)
 
 
-def cpb_values(t: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-               axes: Optional[GridAxes] = None) -> torch.Tensor:
-    """:func:`cpb_mlp` of the table's cells ``t`` (T, 2), in the grid form where ``axes`` are given."""
-    if axes is None:
-        return cpb_mlp(t, w1, b1, w2)
-    return _grid_forward(axes, w1, b1, w2)[0]
+def cpb_values(t, w1, b1, w2, axes: Optional[GridAxes] = None) -> torch.Tensor:
+    """:func:`cpb_mlp`, in the grid form where ``axes`` are given."""
+    return cpb_mlp(t, w1, b1, w2) if axes is None else _grid_forward(axes, w1, b1, w2)[0]
 
 
 def _first_layer(axes: GridAxes, w1: torch.Tensor, b1: torch.Tensor):
-    """The first layer on the grid, ``A[i, c] + b_j w[c]``: ``(A, w)``, (rows, hidden) and (hidden,), float64."""
+    """``(A (rows, hidden), w (hidden,))`` of the first layer ``A[i, c] + b_j w[c]``, float64."""
     return (torch.addcmul(b1.to(torch.float64), axes.a[:, None], w1[:, 0].to(torch.float64)),
             w1[:, 1].to(torch.float64))
 
 
 def _grid_edges(axes: GridAxes, w1: torch.Tensor, b1: torch.Tensor):
-    """``(A, w, on_right, e)``: the first layer's row term A (rows, hidden) and column slope
-    w (hidden,) in float64, which channels are on to the right of their edge (``w > 0``) and the
-    edges e (rows, hidden): channel c of row i is on for ``j >= e`` (``w[c] > 0``) or ``j < e``."""
+    """``(A, w, on_right, e)``: channel c of row i is on for ``j >= e[i, c]`` where ``on_right``
+    (``w[c] > 0``), else for ``j < e[i, c]``."""
     A, w = _first_layer(axes, w1, b1)
     on_right = w > 0
     # on where A + b_j w > 0: b_j > -A / w (w > 0, edge = #{b_j <= -A / w}), b_j < -A / w (w < 0,
@@ -105,14 +84,13 @@ def _grid_forward(axes: GridAxes, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     out = torch.addcmul(pq[:, :, 0], b[:, None], pq[:, :, 1]).permute(2, 0, 1)  # (heads, rows, cols)
     if order is not None:  # back to the table's column order
         out = out.new_empty(out.shape).index_copy_(2, order, out)
-    # contiguous (heads, T), as the plain form's (a view of the permuted sums would have strides
-    # (1, heads), which the attention's strided bias plans cannot take)
+    # contiguous (heads, T), as the plain form's (the strided bias plans need it)
     return out.to(w2.dtype, memory_format=torch.contiguous_format).view(heads, -1), e
 
 
 def _grid_backward(axes: GridAxes, w1, b1, w2, e: torch.Tensor, grad: torch.Tensor, needs):
-    """Gradients (w1, b1, w2) of the grid form from the output gradient (heads, rows * cols),
-    each ``None`` where ``needs`` (three flags) says it is not wanted."""
+    """Gradients (w1, b1, w2) of the grid form from the output's (heads, rows * cols); ``None``
+    where ``needs`` (three flags) says so."""
     a, b, order = axes
     rows, cols = a.shape[0], b.shape[0]
     heads, hidden = w2.shape
@@ -144,9 +122,8 @@ def _grid_backward(axes: GridAxes, w1, b1, w2, e: torch.Tensor, grad: torch.Tens
 
 
 class CpbMlp(torch.autograd.Function):
-    """:func:`cpb_values` for autograd, keeping no (T, hidden) layer for the backward: the
-    grid form keeps its edges (int16, rows x hidden), the plain form recomputes its hidden
-    layer. ``t`` gets no gradient."""
+    """:func:`cpb_values` for autograd without keeping a (T, hidden) layer: the grid form keeps
+    its edges, the plain form recomputes its hidden layer. ``t`` gets no gradient."""
 
     @staticmethod
     def forward(ctx, t, w1, b1, w2, axes=None):

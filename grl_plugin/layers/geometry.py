@@ -1,14 +1,11 @@
-"""Relative-position tables, indices and shift masks of GRL (SPEC §4.4, §6).
+"""Relative-position tables, indices, shift masks and token orders of GRL.
 
-Everything attention needs that depends only on geometry (window/stripe size, anchor
-down-factor, padded input size) is built here, directly on the target device, and cached
-per (configuration, size, device). Blocks and the network look sets up with
-:func:`grl_geometry`; nothing is built per block or per forward, and nothing is stored in
-a ``state_dict`` (so weights trained at one size run at any other).
-
-Conventions follow the official code literally (SPEC §9 B2-B4): masks hold ``-100`` (not
-``-inf``), the anchor grid of the relative index is not centred, and the label map of the
-masks uses the Python slices ``[0, -w)``, ``[-w, -shift)``, ``[-shift, end)``.
+Everything attention needs that depends only on the geometry (window/stripe size, anchor
+down-factor, padded input size) is built here on the target device and cached per argument
+set (:func:`grl_geometry`); nothing is built per forward or stored in a ``state_dict``, so
+weights trained at one size run at any other. As in the official code, masks hold ``-100``,
+the anchor grid of the relative index is not centred, and the mask labels use the slices
+``[0, -w)``, ``[-w, -shift)``, ``[-shift, end)``.
 """
 from __future__ import annotations
 
@@ -25,12 +22,9 @@ MASK_VALUE = -100.0
 
 def stripe_info(stripe_size: Sequence[Optional[int]], stripe_groups: Sequence[Optional[int]],
                 shift: bool, input_size: Size2) -> Tuple[Size2, Size2]:
-    """Stripe extent and shift per axis (official ``_get_stripe_info``).
-
-    An axis with ``groups`` set uses ``extent // groups`` (so it follows the resolution) and
-    the shift ``extent // (2 groups)`` (0 for one group) whatever ``shift`` says; otherwise the
-    configured size and, when shifting, half of it.
-    """
+    """Stripe extent and shift per axis (official ``_get_stripe_info``): with ``groups`` set,
+    ``extent // groups`` and shift ``extent // (2 groups)`` (0 for one group); otherwise the
+    configured size and, when ``shift``, half of it."""
     sizes, shifts = [], []
     for s, g, d in zip(stripe_size, stripe_groups, input_size):
         if g is None:
@@ -44,22 +38,17 @@ def stripe_info(stripe_size: Sequence[Optional[int]], stripe_groups: Sequence[Op
 
 def pad_multiple(window_size: int, stripe_size: Sequence[Optional[int]],
                  stripe_groups: Sequence[Optional[int]], df: int) -> int:
-    """Multiple the padded input size must have.
-
-    The official ``pad_size`` is the maximum of the window, the stripe sizes and
-    ``groups * df``; we take the least common multiple, which is the same number for every
-    official configuration and the size that actually divides for all others (where the
-    official maximum makes the partition fail).
-    """
+    """Multiple the padded input size must have: the least common multiple of the window, the
+    stripe sizes and ``groups * df`` (the official maximum for every official configuration,
+    and a size that divides for all others)."""
     parts = [window_size] + [s for s in stripe_size if s] + [g * df for g in stripe_groups if g]
     return math.lcm(*[int(p) for p in parts])
 
 
 # --------------------------------------------------------------------------------------- tables
 class GridAxes(NamedTuple):
-    """A coordinate grid's axes in float64 (:func:`grid_axes`): ``a`` (rows,), ``b`` (cols,) in
-    ascending order, and ``order``, the permutation that sorted the table's columns (``None`` if
-    they were)."""
+    """A coordinate grid's axes in float64: ``a`` (rows,), ``b`` (cols,) ascending, and ``order``,
+    the permutation that sorted the columns (``None`` if they were)."""
     a: torch.Tensor
     b: torch.Tensor
     order: Optional[torch.Tensor]
@@ -67,13 +56,9 @@ class GridAxes(NamedTuple):
 
 @lru_cache(maxsize=64)
 def coords_table(window: Size2, df: int, device: torch.device) -> torch.Tensor:
-    """Log-spaced relative coordinate table (1, w0 + a0 - 1, w1 + a1 - 1, 2), a = w // df.
-
-    Per axis the coordinates run from ``-(a-1) - (w-a)//2`` to ``w-1 - (w-a)//2``, are divided
-    by the positive end, scaled by 8 and mapped by ``sign(t) log2(|t|+1) / log2(8)``. With
-    ``df = 1`` this is the SwinV2 table. (A one-pixel axis, where the official code divides by
-    zero, is normalised by 1.)
-    """
+    """Log-spaced relative coordinate table (1, w0 + a0 - 1, w1 + a1 - 1, 2), a = w // df: per
+    axis ``-(a-1) - (w-a)//2 .. w-1 - (w-a)//2``, divided by the positive end (1 for a one-pixel
+    axis), times 8, mapped by ``sign(t) log2(|t|+1) / 3``; SwinV2's table for ``df = 1``."""
     with torch.inference_mode(False):  # cached tensors must also serve autograd later
         axes, ends = [], []
         for w in window:
@@ -90,13 +75,9 @@ def coords_table(window: Size2, df: int, device: torch.device) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def relative_index(window: Size2, df: int, w2a: bool, device: torch.device) -> torch.Tensor:
-    """Index into the flattened :func:`coords_table` for every (query, key) pair.
-
-    ``w2a``: window tokens (rows) attend to anchor tokens (columns), shape (w0 w1, a0 a1);
-    otherwise anchors attend to window tokens, shape (a0 a1, w0 w1). Both grids start at 0, so
-    the two directions are not mirror images (official quirk B3). With ``df = 1`` and ``w2a``
-    this is the usual Swin window index.
-    """
+    """Index into the flattened :func:`coords_table` per (query, key): ``w2a`` (w0 w1, a0 a1),
+    window tokens attend to anchors, else (a0 a1, w0 w1). Both grids start at 0, so the two
+    directions are not mirror images (as officially); Swin's index for ``df = 1``, ``w2a``."""
     (w0, w1), (a0, a1) = window, (window[0] // df, window[1] // df)
     stride = a1 + w1 - 1
     with torch.inference_mode(False):
@@ -113,13 +94,8 @@ def relative_index(window: Size2, df: int, w2a: bool, device: torch.device) -> t
 @lru_cache(maxsize=64)
 def partition_order(size: Size2, part: Size2, shift: Size2,
                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(order, inverse): the raster token indices (H W,) of an (H, W) grid rolled by ``-shift``
-    and cut into ``part``-sized windows (windows row-major, tokens row-major inside), and the
-    inverse permutation.
-
-    ``tokens.index_select(1, order)`` is ``window_partition(roll(grid, -shift))`` in one gather;
-    ``windowed.index_select(1, inverse)`` undoes it (window reverse, then roll back).
-    """
+    """(order, inverse) permutations of H W tokens: ``tokens.index_select(1, order)`` is
+    ``window_partition(roll(grid, -shift), part)`` in one gather; ``inverse`` undoes it."""
     with torch.inference_mode(False):
         grid = torch.arange(size[0] * size[1], device=device).view(size)
         if any(shift):
@@ -129,42 +105,13 @@ def partition_order(size: Size2, part: Size2, shift: Size2,
 
 
 @lru_cache(maxsize=64)
-def _gather_plan(index: torch.Tensor, table_width: int):
-    with torch.inference_mode(False):
-        n1, n2 = index.shape
-        rows, cols = index // table_width, index % table_width
-        # the longest runs of keys (a divisor of N2) along which the table row is constant
-        run = next((r for r in range(n2, 1, -1)
-                    if n2 % r == 0 and bool((rows.view(n1, -1, r) == rows.view(n1, -1, r)[..., :1]).all())), 1)
-        if run < 4:
-            return None
-        patterns, which = torch.unique(cols.reshape(-1, run), dim=0, return_inverse=True)
-        n_rows = int(rows.max()) + 1
-        runs = rows.reshape(-1, run)[:, 0] * len(patterns) + which  # run -> row of the small table
-        small = (torch.arange(n_rows, device=index.device)[:, None, None] * table_width + patterns[None])
-        if not torch.equal(small.view(-1, run).index_select(0, runs).view(n1, n2), index):
-            return None
-        return patterns.reshape(-1), runs, n_rows
+def reversed_keys_plan(index: torch.Tensor, table_width: int):
+    """``(offset, sizes, strides, index.flip(-1))`` such that ``values[:, index.flip(-1)]`` is
+    the table seen through ``strides`` over (qy, qx, ky, kx), or ``None`` (checked exactly).
 
-
-@torch.compiler.disable
-def gather_plan(index: torch.Tensor, table_width: int):
-    """A two-step plan for gathering ``values[:, index]`` of a relative-position index, or None.
-
-    GRL's indices are ``row_offset * table_width + col_offset``, where the row offset is the
-    same along each run of key columns and the column offsets of a run follow one of a few
-    patterns (one per query column). Step 1 gathers the patterns from every table row (a
-    small (heads, rows * patterns, run) table); step 2 copies whole runs of it into place, one
-    index per run instead of one per entry (about half the time of a plain gather for 32x32
-    windows and 64x64 stripes). Returns ``(patterns (P*run,), runs (N1*N2/run,), rows)``;
-    ``None`` where runs are shorter than 4 keys or the plan does not reproduce ``index``
-    exactly (checked on construction). Cached per index tensor.
-    """
-    return _gather_plan(index, int(table_width))
-
-
-@lru_cache(maxsize=64)
-def _reversed_keys_plan(index: torch.Tensor, table_width: int):
+    GRL's indices are ``(qy - ky + c0) * width + (qx - kx + c1)`` (or with the signs swapped):
+    with the keys reversed both coordinates count upwards. Attention does not depend on the
+    order of its keys. Cached per index tensor."""
     n1, n2 = index.shape
     if n1 < 2 or n2 < 2 or int(index.min()) < 0:
         return None
@@ -185,33 +132,19 @@ def _reversed_keys_plan(index: torch.Tensor, table_width: int):
         return base, sizes, strides, rev
 
 
-@torch.compiler.disable
-def reversed_keys_plan(index: torch.Tensor, table_width: int):
-    """How a relative-position index becomes a strided view of the table once the keys are
-    taken in reverse order, or None.
-
-    GRL's indices are ``(qy - ky + c0) * table_width + (qx - kx + c1)`` (or with the signs
-    swapped): with the key order reversed (``index.flip(-1)``) both query and key coordinates
-    count upwards, so ``values[:, index.flip(-1)]`` is the table itself seen through strides
-    ``(table_width, 1, table_width, 1)`` over (qy, qx, ky, kx) from one offset -- a copy of
-    contiguous runs instead of a gather (a key-order reversal of attention changes nothing but
-    the order of the softmax sums). Returns ``(offset, sizes, strides, reversed_index)``, or
-    ``None`` where the index has no such form (checked exactly on construction). Cached per
-    index tensor.
-    """
-    return _reversed_keys_plan(index, int(table_width))
-
-
 @lru_cache(maxsize=32)
 def flip_keys(mask: torch.Tensor) -> torch.Tensor:
-    """``mask.flip(-1)`` (a region mask for keys in reverse order), cached per mask tensor like
-    the masks themselves (so CPU training at large shifted windows holds each mask twice)."""
+    """``mask.flip(-1)`` (for keys in reverse order), cached per mask tensor."""
     with torch.inference_mode(False):
         return mask.flip(-1).contiguous()
 
 
 @lru_cache(maxsize=64)
-def _grid_axes(table: torch.Tensor) -> Optional["GridAxes"]:
+def grid_axes(table: torch.Tensor) -> Optional[GridAxes]:
+    """:class:`GridAxes` of a (1, rows, cols, 2) table with ``table[0, i, j] == (a_i, b_j)`` (every
+    :func:`coords_table`), else ``None``; cached per table tensor."""
+    if table.dim() != 4 or table.shape[0] != 1 or table.shape[-1] != 2:
+        return None
     g = table[0]
     if not (torch.equal(g[..., 0], g[:, :1, 0].expand_as(g[..., 0]))
             and torch.equal(g[..., 1], g[:1, :, 1].expand_as(g[..., 1]))):
@@ -222,16 +155,6 @@ def _grid_axes(table: torch.Tensor) -> Optional["GridAxes"]:
         if not bool((b[1:] >= b[:-1]).all()):
             b, order = torch.sort(b, stable=True)
         return GridAxes(a.contiguous(), b.contiguous(), order)
-
-
-@torch.compiler.disable
-def grid_axes(table: torch.Tensor) -> Optional["GridAxes"]:
-    """The axes of a (1, rows, cols, 2) coordinate table that is a grid, ``table[0, i, j] ==
-    (a_i, b_j)`` (every :func:`coords_table` is: a meshgrid), else ``None``. Cached per table tensor (checked once,
-    not at every forward)."""
-    if table.dim() != 4 or table.shape[0] != 1 or table.shape[-1] != 2:
-        return None
-    return _grid_axes(table)
 
 
 # ---------------------------------------------------------------------------------------- masks
@@ -265,11 +188,8 @@ def window_mask(size: Size2, window: int, shift: int, device: torch.device) -> t
 @lru_cache(maxsize=32)
 def stripe_masks(size: Size2, stripe: Size2, shift: Size2, df: int,
                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(a2w (nS, N2, N1), w2a (nS, N1, N2)) masks of shifted anchored stripe attention.
-
-    Window-token labels come from the full grid with ``stripe``/``shift``; anchor labels from
-    the (H/df, W/df) grid with ``stripe // df`` and ``shift // df`` (floored, quirk B4).
-    """
+    """(a2w (nS, N2, N1), w2a (nS, N1, N2)) masks of shifted anchored stripe attention; the
+    anchor labels come from the (H/df, W/df) grid with ``stripe // df``, ``shift // df``."""
     with torch.inference_mode(False):
         tokens = _region_labels(size, stripe, shift, device)
         anchors = _region_labels((size[0] // df, size[1] // df), (stripe[0] // df, stripe[1] // df),
@@ -279,31 +199,23 @@ def stripe_masks(size: Size2, stripe: Size2, shift: Size2, df: int,
 
 
 @lru_cache(maxsize=64)
-def _mask_split(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_windows(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the windows whose (nW, N1, N2) mask holds a -100 entry; cached per mask tensor."""
     with torch.inference_mode(False):
-        mixed = mask.flatten(1).ne(0).any(1)
-        masked = mixed.nonzero().flatten()
-        return masked, (~mixed).nonzero().flatten(), mask.index_select(0, masked)
-
-
-@torch.compiler.disable  # one host sync per mask, then a cache hit
-def mask_split(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(masked, plain, masked_values) of an (nW, N1, N2) region mask: the indices of the windows
-    whose mask holds a -100 entry, of those whose mask is all 0 (they need the position bias
-    only), and ``mask[masked]``.
-
-    With shifted windows or stripes only the last row and column of windows mix regions
-    (:func:`mask_factors` works on those alone). Cached per mask (the masks are cached
-    objects themselves, so their identity is stable).
-    """
-    return _mask_split(mask)
+        return mask.flatten(1).ne(0).any(1).nonzero().flatten()
 
 
 @lru_cache(maxsize=64)
-def _mask_factors(mask: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def mask_factors(mask: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(a (nW, N1, R), b (nW, N2, R))`` with ``a @ b^T == mask`` exactly, or ``None``.
+
+    Keys group by region: ``b`` is each key's one-hot group, ``a[w, i, r]`` query i's mask value
+    for group r. As R extra q/k columns they add the mask inside q k^T (products -100 x 1 or
+    0 x 1: exact in any format), so no per-window bias + mask is written. R is the most regions
+    in one window (4 in GRL). Cached per mask tensor."""
     with torch.inference_mode(False):
         n_w, n1, n2 = mask.shape
-        masked = _mask_split(mask)[0].tolist()
+        masked = masked_windows(mask).tolist()
         groups = []  # per masked window: (representative key of each key group, group of each key)
         for w in masked:
             # keys whose columns are alike share their first accepting query (label-built masks);
@@ -325,31 +237,12 @@ def _mask_factors(mask: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tens
         return a, b
 
 
-@torch.compiler.disable  # host syncs while building, then a cache hit
-def mask_factors(mask: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(a (nW, N1, R), b (nW, N2, R))`` with ``a @ b^T == mask`` exactly, R small, or ``None``.
-
-    A region mask compares labels: key j is visible to query i (0) when their regions match,
-    else -100. Keys group by region; ``b`` is the one-hot group of each key and ``a[w, i, r]``
-    the mask value of query i for group r. Appended to q and k as R extra columns, they add
-    the mask inside the product q k^T, so the attention kernel takes the position bias alone,
-    shared by all windows, and no (windows, heads, N1, N2) bias + mask is ever written. The
-    products are -100 x 1 or 0 x 1 and the sums add zeros: exact in any float format. R is
-    the most regions in one window (4 for GRL's shifted windows and stripes). Checked on
-    construction; ``None`` where the mask does not factor (then bias + mask is formed).
-    Cached per mask.
-    """
-    return _mask_factors(mask)
-
-
 # ---------------------------------------------------------------------------------- sets / cache
 Orders = Tuple[torch.Tensor, torch.Tensor]  # (order, inverse) of partition_order
 
 
 class WindowGeometry(NamedTuple):
-    """What (shifted) window attention needs at one padded size.
-
-    ``orders``: the :func:`partition_order` pairs without and with the shift."""
+    """What (shifted) window attention needs at one padded size (``orders``: without, with shift)."""
     window: int
     shift: int
     table: torch.Tensor
@@ -359,10 +252,8 @@ class WindowGeometry(NamedTuple):
 
 
 class StripeGeometry(NamedTuple):
-    """What anchored stripe attention of one orientation needs at one padded size.
-
-    ``orders`` / ``anchor_orders``: the :func:`partition_order` pairs of the token grid and of
-    the anchor grid, without and with the shift."""
+    """What anchored stripe attention of one orientation needs at one padded size
+    (``orders`` / ``anchor_orders``: token / anchor grid, without and with the shift)."""
     stripe: Size2
     shift: Size2
     df: int
@@ -401,9 +292,8 @@ def _grl_geometry(window_size, stripe_size, stripe_groups, df, size, device) -> 
                             relative_index(ws, 1, True, device),
                             window_mask(size, window_size, window_size // 2, device),
                             tuple(partition_order(size, ws, (s, s), device) for s in (0, window_size // 2)))
-    # "V" (W-type) stripes use the reversed configuration evaluated on the same grid. The
-    # official code reverses the H-type *result* instead, which differs -- and crashes -- for
-    # non-square inputs with stripe groups (SPEC §9 B1); both agree everywhere else.
+    # W-type stripes: the reversed configuration on the same grid (the official code reverses
+    # the H-type result, which crashes for non-square inputs with stripe groups; else equal)
     return GRLGeometry(window, _stripe_geometry(stripe_size, stripe_groups, df, size, device),
                        _stripe_geometry(stripe_size[::-1], stripe_groups[::-1], df, size, device))
 
@@ -422,7 +312,6 @@ def grl_geometry(window_size: int, stripe_size: Sequence[Optional[int]],
 
 def clear_cache() -> None:
     """Drop every cached table, index and mask (e.g. to free device memory)."""
-    for fn in (coords_table, relative_index, partition_order, _gather_plan, _reversed_keys_plan, flip_keys,
-               _grid_axes, window_mask, stripe_masks,
-               _mask_split, _mask_factors, _grl_geometry):
+    for fn in (coords_table, relative_index, partition_order, reversed_keys_plan, flip_keys, grid_axes,
+               window_mask, stripe_masks, masked_windows, mask_factors, _grl_geometry):
         fn.cache_clear()

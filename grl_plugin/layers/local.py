@@ -1,4 +1,4 @@
-"""Local modelling: convolutions + channel attention (SPEC §3.1, base models only)."""
+"""Local modelling: convolutions + channel attention (GRL-B only)."""
 from __future__ import annotations
 
 import torch
@@ -6,10 +6,7 @@ from torch import nn
 
 
 class ChannelAttention(nn.Module):
-    """Squeeze-and-excitation: features * sigmoid(conv(relu(conv(avgpool(features))))).
-
-    Key ``attention.{1,3}`` (the two 1x1 convolutions, with bias).
-    """
+    """Squeeze-and-excitation ``x * sigmoid(conv(relu(conv(avgpool(x)))))`` (keys ``attention.{1,3}``)."""
 
     def __init__(self, dim: int, reduction: int = 18):
         super().__init__()
@@ -39,9 +36,7 @@ class CAB(nn.Module):
                                  nn.Conv2d(hidden, dim, 3, 1, 1), ChannelAttention(dim, reduction))
 
     def forward(self, x: torch.Tensor, x_size=None, channels_last: bool = False) -> torch.Tensor:
-        """``channels_last``: run the token form on a channels-last view of the tokens (no
-        copies in or out; oneDNN's convolutions are faster in that layout) instead of a
-        (B, C, H, W) copy."""
+        """``channels_last``: tokens as a channels-last view (no copies) instead of a (B, C, H, W) copy."""
         if x.dim() == 4:
             return self.cab(x)
         B, L, C = x.shape

@@ -1,9 +1,6 @@
-"""Global modelling: anchored stripe self-attention (SPEC §4.1, §4.3, §4.4).
-
-Tokens of a stripe (``sh x sw`` pixels, or ``H/g`` rows / columns with stripe groups) do not
-attend to each other directly. A down-sampled *anchor* map (``df`` times smaller) first
-gathers the stripe (anchor -> window, "a2w"), then every token reads from the anchors
-(window -> anchor, "w2a"). The cost per stripe is ``2 N1 N2`` instead of ``N1^2``.
+"""Global modelling: anchored stripe self-attention. The tokens of a stripe do not attend to
+each other: an anchor map ``df`` times smaller first gathers the stripe (anchor -> window,
+"a2w"), then every token reads the anchors ("w2a"): ``2 N1 N2`` per stripe instead of ``N1^2``.
 """
 from __future__ import annotations
 
@@ -66,11 +63,8 @@ def _anchor_stage(kind: str, in_dim: int, out_dim: int, factor: int) -> nn.Modul
 class AnchorProjection(nn.Module):
     """Anchor map from the block input: (B, L, dim) on (H, W) -> (B, H/df, W/df, dim // 2).
 
-    ``one_stage`` reduces by ``df`` at once (all official configs use avgpool one-stage,
-    key ``body.0.reduction``); otherwise ``log2(df)`` stages of 2. Only the avgpool one-stage
-    layout is checked against official weights; the other types follow the description in
-    SPEC §4.1.
-    """
+    ``one_stage`` reduces by ``df`` at once (every official config: avgpool, key
+    ``body.0.reduction``), else in ``log2(df)`` stages of 2."""
 
     def __init__(self, dim: int, proj_type: str = "avgpool", one_stage: bool = True,
                  down_factor: int = 1):
@@ -145,8 +139,8 @@ class AnchorStripeAttention(nn.Module):
         if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
             (order, inverse), (a_order, _) = geom.orders[int(masked)], geom.anchor_orders[int(masked)]
             qkv = partition_heads(permute_tokens(qkv, order), stripe[0] * stripe[1], 3, self.num_heads)
-            # normalised once: q (scaled for stage 2) and k with one pass, the anchors (keys of
-            # stage 2, and scaled the queries of stage 1)
+            # q (scaled for stage 2) and k normalised in one pass; the anchors are the keys of
+            # stage 2 and, scaled, the queries of stage 1
             q, k, v = normalize_qkv(qkv, self.attn_transform2.scale())
             anchor = permute_tokens(anchor.reshape(B, -1, anchor.shape[-1]), a_order)
             a = F.normalize(partition_heads(anchor, anchor_stripe[0] * anchor_stripe[1], 1, self.num_heads)[:, :, 0],

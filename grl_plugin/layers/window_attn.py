@@ -1,4 +1,4 @@
-"""Regional modelling: (shifted) window self-attention on one half of the channels (SPEC §4.2)."""
+"""Regional modelling: (shifted) window self-attention on one half of the channels."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -23,42 +23,19 @@ def window_reverse(x: torch.Tensor, size: Tuple[int, int], hw: Tuple[int, int]) 
 
 
 def split_heads(x: torch.Tensor, parts: int, heads: int):
-    """(B', N, parts * heads * d) -> ``parts`` tensors of shape (B', heads, N, d).
-
-    Channel layout of the official QKV projection: (part, head, d), heads contiguous.
-    """
+    """(B', N, parts * heads * d) -> ``parts`` tensors (B', heads, N, d) (official (part, head, d) layout)."""
     x = rearrange(x, "b n (p h d) -> p b h n d", p=parts, h=heads)
     return x.unbind(0)
 
 
-def _gather_tokens(x: torch.Tensor, order: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x.index_select(1, order)`` for (B, L, C) tokens, into ``out`` when given.
-
-    On CPU as one (L, C) row gather per image: that kernel copies whole rows, faster than
-    ``index_select`` along dim 1 of the 3-D tensor."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return x.index_select(1, order) if out is None else torch.index_select(x, 1, order, out=out)
-    if out is None:
-        out = x.new_empty(x.shape[0], order.numel(), x.shape[2])
-    for b in range(x.shape[0]):
-        torch.index_select(x[b], 0, order, out=out[b])
-    return out
-
-
 def permute_tokens(x: torch.Tensor, order: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(B, L, C) tokens reordered along L: ``x[:, order]``.
-
-    One gather for what the official code does with a roll, a partition copy (and the reverse
-    way a reverse copy and another roll); see :func:`~.geometry.partition_order`. Without
-    autograd the result can be written straight into ``out`` (e.g. half of a wider buffer)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return x.index_select(1, order)
-    return _gather_tokens(x, order, out)
+    """``x[:, order]`` for (B, L, C) tokens: one gather for the official roll + partition copy
+    (:func:`~.geometry.partition_order`); without autograd into ``out`` when given."""
+    return x.index_select(1, order) if out is None else torch.index_select(x, 1, order, out=out)
 
 
 def merge_heads(y: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B * nW, heads, N, d) -> (B, nW * N, heads * d): ``rearrange(y, "(b w) h n d -> b (w n) (h d)")``
-    without einops' per-call parsing (a view when SDPA returned its usual (B', N, heads, d) layout)."""
+    """(B * nW, heads, N, d) -> (B, nW * N, heads * d) (a view for SDPA's usual output layout)."""
     return y.transpose(1, 2).reshape(batch, -1, y.shape[1] * y.shape[3])
 
 
@@ -68,10 +45,8 @@ def partition_heads(tokens: torch.Tensor, n: int, parts: int, heads: int) -> tor
 
 
 class WindowAttention(nn.Module):
-    """Window self-attention of GRL (official ``WindowAttention``; key ``attn_transform``).
-
-    Takes the window half of the QKV projection as (B, L, 3 * dim) tokens of an (H, W) grid
-    whose sides are multiples of the window, returns (B, L, dim).
+    """Window self-attention of GRL (official ``WindowAttention``; key ``attn_transform``): the
+    window half of the QKV projection, (B, L, 3 * dim) tokens of an (H, W) grid -> (B, L, dim).
 
     Args:
         dim: channels of the output (the window half of the block's channels).
