@@ -494,7 +494,7 @@ def test_partition_order_is_roll_then_partition(size, part, shift):
     """The fast path's token gather equals the official roll + window partition cell by cell,
     and its inverse equals window reverse + roll back."""
     from grl_plugin.layers.geometry import partition_order
-    from grl_plugin.layers.window_attn import window_partition, window_reverse
+    from oracle.official_grl import window_partition, window_reverse
     order, inverse = partition_order(size, part, shift, torch.device("cpu"))
     x = torch.randn(2, size[0], size[1], 3)
     rolled = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))

@@ -16,7 +16,7 @@ from .block import (CONV_TYPES, DropPath, configure, GRLBlock, GRLStage, MixedAt
 from .geometry import GRLGeometry, clear_cache, grl_geometry, pad_multiple, stripe_info
 from .local import CAB, ChannelAttention
 from .stripe_attn import ANCHOR_PROJ_TYPES, AnchorProjection, AnchorStripeAttention
-from .window_attn import WindowAttention, window_partition, window_reverse
+from .window_attn import WindowAttention
 
 __all__ = [
     "ATTN_IMPLS", "ANCHOR_PROJ_TYPES", "CONV_TYPES", "AffineTransform", "AnchorProjection",
@@ -24,5 +24,5 @@ __all__ = [
     "GRLStage", "MixedAttention", "Mlp", "WindowAttention", "build_last_conv", "clear_cache", "compile_blocks",
     "cosine_attention", "default_heads", "normalize_qkv", "grl_geometry", "pad_multiple", "pad_to_multiple",
     "BiasCacheBudget", "configure", "bias_cache_bytes",
-    "stripe_info", "to_map", "to_tokens", "uncompile_blocks", "window_partition", "window_reverse",
+    "stripe_info", "to_map", "to_tokens", "uncompile_blocks",
 ]

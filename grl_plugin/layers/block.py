@@ -192,10 +192,8 @@ class QKVProjection(nn.Module):
 
     def halves(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The window and stripe halves of :meth:`forward`, each contiguous (two products)."""
-        w, b = self.body.weight, self.body.bias
-        half = w.shape[0] // 2
-        return (F.linear(x, w[:half], None if b is None else b[:half]),
-                F.linear(x, w[half:], None if b is None else b[half:]))
+        b = self.body.bias.chunk(2) if self.body.bias is not None else (None, None)
+        return tuple(F.linear(x, w, bias) for w, bias in zip(self.body.weight.chunk(2), b))
 
 
 class MixedAttention(nn.Module):
@@ -207,16 +205,12 @@ class MixedAttention(nn.Module):
     Args:
         dim: channels (even; each half divisible by its head count).
         num_heads_window, num_heads_stripe: heads of the two halves.
-        window_size: square window side.
-        window_shift: shifted windows.
-        stripe_size, stripe_groups: the network-level stripe configuration (pairs; ``None``
-            entries allowed); ``stripe_type="W"`` uses them reversed.
-        stripe_type: ``"H"`` or ``"W"``.
-        stripe_shift: shifted stripes.
+        window_size, window_shift: square window side; shifted windows.
+        stripe_size, stripe_groups: the network's stripe pairs (``None`` allowed; reversed for
+            ``stripe_type="W"``, else ``"H"``); stripe_shift: shifted stripes.
         anchor_window_down_factor: anchor down-sampling ``df``.
         qkv_bias, qkv_proj_type, anchor_proj_type, anchor_one_stage: projections.
-        attn_drop, proj_drop: dropouts.
-        attn_impl: ``"sdpa"`` or ``"reference"``.
+        attn_drop, proj_drop, attn_impl: dropouts; ``"sdpa"`` or ``"reference"``.
     """
 
     def __init__(self, dim: int, num_heads_window: int, num_heads_stripe: int, window_size: int = 8,
@@ -255,39 +249,28 @@ class MixedAttention(nn.Module):
 
     def geometry(self, x_size: Tuple[int, int], device) -> GRLGeometry:
         """Tables/indices/masks for a grid of ``x_size`` (from the shared cache)."""
-        H, W = x_size
-        m = self.pad_multiple
-        if H % m or W % m:
-            raise ValueError(f"token grid {H}x{W} is not a multiple of {m}; pass (B, C, H, W) maps "
-                             f"to have them padded")
+        if x_size[0] % self.pad_multiple or x_size[1] % self.pad_multiple:
+            raise ValueError(f"token grid {x_size[0]}x{x_size[1]} is not a multiple of {self.pad_multiple}; "
+                             f"pass (B, C, H, W) maps to have them padded")
         return grl_geometry(self.window_size, self.stripe_size, self.stripe_groups,
                             self.anchor_window_down_factor, x_size, device)
 
     def forward(self, x: torch.Tensor, x_size: Tuple[int, int],
                 geom: Optional[GRLGeometry] = None, norm: Optional[nn.Module] = None) -> torch.Tensor:
         """``proj(attention)``, or ``norm(proj(attention))`` (recomputed as in :class:`Mlp`)."""
-        if geom is None:
-            geom = self.geometry(x_size, x.device)
+        geom = geom or self.geometry(x_size, x.device)
         stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
-        if self.window_attn.attn_impl == "reference":  # the plain layers, step by step
-            qkv = self.qkv(x)
-            half = self.dim * 3 // 2
-            qkv_window, qkv_stripe = qkv[..., :half], qkv[..., half:]
-            anchor = self.anchor(x, x_size)
-            y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
-                           self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom)], dim=-1)
-            y = self.proj_drop(self.proj(y))
-            return y if norm is None else norm(y)
-        qkv_window, qkv_stripe = self.qkv.halves(x)
+        fast = self.window_attn.attn_impl != "reference"
+        qkv_window, qkv_stripe = self.qkv.halves(x) if fast else self.qkv(x).chunk(2, dim=-1)
         anchor = self.anchor(x, x_size)
-        if torch.is_grad_enabled() or _tracing():  # (tracing: writes into views do not export)
-            y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
-                           self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom)], dim=-1)
-        else:  # both halves written in place into one buffer (no concatenation copy)
+        if fast and not (torch.is_grad_enabled() or _tracing()):  # both halves written into one buffer
             y = qkv_window.new_empty(x.shape)  # (autocast: the projections' dtype)
             self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
             self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
-        if norm is not None and _recompute(x, self, self.proj_drop):
+        else:
+            y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
+                           self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom)], dim=-1)
+        if fast and norm is not None and _recompute(x, self, self.proj_drop):
             return checkpoint(self._project, y, norm, use_reentrant=False)  # keeps y only
         return self._project(y, norm)
 
@@ -319,20 +302,14 @@ class _MapOrTokens(nn.Module):
 class GRLBlock(_MapOrTokens):
     """GRL's mixed-attention transformer block (official ``EfficientMixAttnTransformerBlock``).
 
-    Res-post-norm: ``x = x + s * drop_path(norm1(attn(x))) [+ CAB(x)]``;
-    ``x = x + s * drop_path(norm2(mlp(x)))`` with ``s = res_scale``.
+    ``x = x + s drop_path(norm1(attn(x))) [+ CAB(x)]``, ``x = x + s drop_path(norm2(mlp(x)))``, ``s = res_scale``.
 
     Args:
-        dim: channels.
-        num_heads_window, num_heads_stripe: heads of the window and the stripe half
-            (default: :func:`default_heads`).
-        window_size, window_shift, stripe_size, stripe_groups, stripe_type, stripe_shift,
-        anchor_window_down_factor: attention geometry (see :class:`MixedAttention`).
-        mlp_ratio: MLP hidden width / dim.
+        dim, mlp_ratio: channels; MLP hidden width / dim.
+        num_heads_window, num_heads_stripe: heads of the two halves (default :func:`default_heads`).
+        window_size ... anchor_one_stage, attn_drop, attn_impl: see :class:`MixedAttention`.
         local_connection: add the conv + channel attention branch (:class:`CAB`).
-        drop, attn_drop, drop_path: dropouts.
-        res_scale: residual scale.
-        attn_impl: ``"sdpa"`` or ``"reference"``.
+        drop, drop_path, res_scale: dropout (MLP, projection); stochastic depth; residual scale.
     """
 
     def __init__(self, dim: int, num_heads_window: Optional[int] = None,
@@ -364,8 +341,7 @@ class GRLBlock(_MapOrTokens):
         return self.attn.pad_multiple
 
     @property
-    def fast(self) -> bool:
-        """On the fast path (``attn_impl`` not ``"reference"``)."""
+    def fast(self) -> bool:  # attn_impl is not "reference"
         return self.attn.window_attn.attn_impl != "reference"
 
     def forward_tokens(self, x: torch.Tensor, x_size: Tuple[int, int],
@@ -376,7 +352,6 @@ class GRLBlock(_MapOrTokens):
         return self._residual(y, self.mlp(y, norm=self.norm2))
 
     def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        """``x + res_scale * drop_path(branch)`` as one scaled add (no pass for the scale)."""
         return torch.add(x, self.drop_path(branch), alpha=self.res_scale)
 
 
@@ -392,17 +367,16 @@ def default_heads(dim: int) -> int:
 class GRLStage(_MapOrTokens):
     """A stack of :class:`GRLBlock` with the official per-block pattern and a closing conv.
 
-    Block ``j``: shifted windows when ``j`` is even, stripe type ``"H"`` for even ``j`` and
-    ``"W"`` for odd, shifted stripes when ``stripe_shift`` and ``j % 4 in (2, 3)`` (SPEC §2).
-    Output: ``conv(blocks(x)) + x``. Keys ``blocks.{j}``, ``conv``.
+    Block ``j``: shifted windows and stripe type ``"H"`` for even ``j`` (``"W"`` for odd), shifted
+    stripes when ``stripe_shift`` and ``j % 4 in (2, 3)``. Output ``conv(blocks(x)) + x``; keys
+    ``blocks.{j}``, ``conv``.
 
     Args:
         dim, depth: channels and number of blocks.
         drop_path: a rate, or one rate per block.
         conv_type: closing convolution (``"1conv"``, ``"3conv"``, ``"1conv1x1"``, ``"linear"``).
-        use_checkpoint: recompute each block in the backward pass (activation checkpointing).
-        **block_kwargs: passed to every :class:`GRLBlock` (``window_shift``, ``stripe_type``
-            and ``stripe_shift`` are set per block; ``stripe_shift`` here switches the pattern).
+        use_checkpoint: recompute each block in the backward (activation checkpointing).
+        **block_kwargs: for every :class:`GRLBlock` (not ``window_shift``, ``stripe_type``).
     """
 
     def __init__(self, dim: int, depth: int, num_heads_window: Optional[int] = None,
@@ -429,14 +403,11 @@ class GRLStage(_MapOrTokens):
 
     def forward_tokens(self, x: torch.Tensor, x_size: Tuple[int, int],
                        geom: Optional[GRLGeometry] = None) -> torch.Tensor:
-        if geom is None:
-            geom = self.blocks[0].attn.geometry(x_size, x.device)
-        y = x
+        geom = geom or self.blocks[0].attn.geometry(x_size, x.device)
+        y, ckpt = x, self.use_checkpoint and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                y = checkpoint(blk.forward_tokens, y, x_size, geom, use_reentrant=False)
-            else:
-                y = blk.forward_tokens(y, x_size, geom)
+            y = checkpoint(blk.forward_tokens, y, x_size, geom, use_reentrant=False) if ckpt else \
+                blk.forward_tokens(y, x_size, geom)
         return to_tokens(self.conv(to_map(y, x_size, channels_last=self.blocks[0].fast))) + x
 
 
@@ -450,10 +421,9 @@ def compile_blocks(module: nn.Module, **compile_kwargs) -> nn.Module:
     compiled = {}
     for m in module.modules():
         if isinstance(m, GRLBlock):
-            cls = type(m)
-            if cls not in compiled:
-                compiled[cls] = torch.compile(cls.forward_tokens, **compile_kwargs)
-            m.forward_tokens = types.MethodType(compiled[cls], m)
+            if type(m) not in compiled:
+                compiled[type(m)] = torch.compile(type(m).forward_tokens, **compile_kwargs)
+            m.forward_tokens = types.MethodType(compiled[type(m)], m)
     return module
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import AffineTransform, cosine_attention, normalize_qkv
 from .geometry import StripeGeometry
-from .window_attn import merge_heads, partition_heads, permute_tokens, split_heads, window_partition, window_reverse
+from .window_attn import merge_heads, partition_heads, permute_tokens
 
 ANCHOR_PROJ_TYPES = ("avgpool", "maxpool", "conv2d", "separable_conv", "patchmerging")
 
@@ -119,46 +119,24 @@ class AnchorStripeAttention(nn.Module):
                 geom: StripeGeometry, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """qkv (B, L, 3 dim), anchor (B, H/df, W/df, dim) -> (B, L, dim), written into ``out``
         when given (no autograd)."""
-        H, W = x_size
-        B = qkv.shape[0]
-        stripe, df = geom.stripe, geom.df
-        anchor_stripe = (stripe[0] // df, stripe[1] // df)
-        shift = geom.shift if self.stripe_shift else (0, 0)
-        anchor_shift = (shift[0] // df, shift[1] // df)
-        masked = self.stripe_shift
-        drop = self.attn_drop if self.training else 0.0
-
-        def attend(q, k, v, a, a_query, normalized):  # anchor -> window, then window -> anchor
-            y = cosine_attention(a_query, k, v, self.attn_transform1, geom.table, geom.index_a2w,
-                                 geom.mask_a2w if masked else None, drop, self.attn_impl, normalized,
-                                 self.lean_backward)
-            return cosine_attention(q, a, y, self.attn_transform2, geom.table, geom.index_w2a,
-                                    geom.mask_w2a if masked else None, drop, self.attn_impl, normalized,
-                                    self.lean_backward)
-
-        if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
-            (order, inverse), (a_order, _) = geom.orders[int(masked)], geom.anchor_orders[int(masked)]
-            qkv = partition_heads(permute_tokens(qkv, order), stripe[0] * stripe[1], 3, self.num_heads)
-            # q (scaled for stage 2) and k normalised in one pass; the anchors are the keys of
-            # stage 2 and, scaled, the queries of stage 1
+        B, stripe, df = qkv.shape[0], geom.stripe, geom.df
+        masked, fast = self.stripe_shift, self.attn_impl != "reference"
+        (order, inverse), (a_order, _) = geom.orders[int(masked)], geom.anchor_orders[int(masked)]
+        qkv = partition_heads(permute_tokens(qkv, order), stripe[0] * stripe[1], 3, self.num_heads)
+        anchor = permute_tokens(anchor.reshape(B, -1, anchor.shape[-1]), a_order)
+        a = partition_heads(anchor, (stripe[0] // df) * (stripe[1] // df), 1, self.num_heads)[:, :, 0].transpose(1, 2)
+        if fast:  # q (scaled for stage 2), k and the anchors (keys of stage 2, scaled queries of stage 1) normalised
             q, k, v = normalize_qkv(qkv, self.attn_transform2.scale())
-            anchor = permute_tokens(anchor.reshape(B, -1, anchor.shape[-1]), a_order)
-            a = F.normalize(partition_heads(anchor, anchor_stripe[0] * anchor_stripe[1], 1, self.num_heads)[:, :, 0],
-                            dim=-1).transpose(1, 2)
-            y = attend(q, k, v, a, a * self.attn_transform1.scale().to(a.dtype), True)
-            return permute_tokens(merge_heads(y, B), inverse, out)
-        # the official steps: roll, partition, attention, reverse, roll back
-        qkv = qkv.view(B, H, W, -1)
-        if any(shift):
-            qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-            anchor = torch.roll(anchor, shifts=(-anchor_shift[0], -anchor_shift[1]), dims=(1, 2))
-        q, k, v = split_heads(window_partition(qkv, stripe), 3, self.num_heads)
-        (a,) = split_heads(window_partition(anchor, anchor_stripe), 1, self.num_heads)
-        y = window_reverse(rearrange(attend(q, k, v, a, a, False), "b h n d -> b n (h d)"), stripe, (H, W))
-        if any(shift):
-            y = torch.roll(y, shifts=shift, dims=(1, 2))
-        y = y.reshape(B, H * W, -1)
-        return y if out is None else out.copy_(y)
+            a = F.normalize(a, dim=-1)
+            a_query = a * self.attn_transform1.scale().to(a.dtype)
+        else:
+            (q, k, v), a_query = qkv.permute(2, 0, 3, 1, 4).unbind(0), a
+        drop = self.attn_drop if self.training else 0.0
+        y = cosine_attention(a_query, k, v, self.attn_transform1, geom.table, geom.index_a2w,  # anchor -> window
+                             geom.mask_a2w if masked else None, drop, self.attn_impl, fast, self.lean_backward)
+        y = cosine_attention(q, a, y, self.attn_transform2, geom.table, geom.index_w2a,  # window -> anchor
+                             geom.mask_w2a if masked else None, drop, self.attn_impl, fast, self.lean_backward)
+        return permute_tokens(merge_heads(y, B), inverse, out)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, stripe_type={self.stripe_type}, " \

@@ -4,28 +4,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from .attention import AffineTransform, cosine_attention, normalize_qkv
 from .geometry import WindowGeometry
-
-
-def window_partition(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """(B, H, W, C) -> (B * nW, size0 * size1, C), windows in row-major order."""
-    return rearrange(x, "b (nh h) (nw w) c -> (b nh nw) (h w) c", h=size[0], w=size[1])
-
-
-def window_reverse(x: torch.Tensor, size: Tuple[int, int], hw: Tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (B * nW, size0 * size1, C) -> (B, H, W, C)."""
-    return rearrange(x, "(b nh nw) (h w) c -> b (nh h) (nw w) c",
-                     nh=hw[0] // size[0], nw=hw[1] // size[1], h=size[0], w=size[1])
-
-
-def split_heads(x: torch.Tensor, parts: int, heads: int):
-    """(B', N, parts * heads * d) -> ``parts`` tensors (B', heads, N, d) (official (part, head, d) layout)."""
-    x = rearrange(x, "b n (p h d) -> p b h n d", p=parts, h=heads)
-    return x.unbind(0)
 
 
 def permute_tokens(x: torch.Tensor, order: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -71,33 +53,16 @@ class WindowAttention(nn.Module):
 
     def forward(self, qkv: torch.Tensor, x_size: Tuple[int, int], geom: WindowGeometry,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """qkv (B, L, 3 dim) -> (B, L, dim), written into ``out`` when given (no autograd)."""
-        H, W = x_size
-        B = qkv.shape[0]
-        ws = (self.window_size, self.window_size)
+        """qkv (B, L, 3 dim) -> (B, L, dim), written into ``out`` when given (no autograd).
+        Tokens are rolled and partitioned by one gather, and put back by another."""
         shift = geom.shift if self.window_shift else 0
-
-        def attend(q, k, v, normalized=False):
-            return cosine_attention(q, k, v, self.attn_transform, geom.table, geom.index,
-                                    geom.mask if shift else None,
-                                    self.attn_drop if self.training else 0.0, self.attn_impl, normalized,
-                                    self.lean_backward)
-
-        if self.attn_impl != "reference":  # one gather in, one out (no rolls, no partition copies)
-            order, inverse = geom.orders[1 if shift else 0]
-            qkv = partition_heads(permute_tokens(qkv, order), ws[0] * ws[1], 3, self.num_heads)
-            y = attend(*normalize_qkv(qkv, self.attn_transform.scale()), normalized=True)
-            return permute_tokens(merge_heads(y, B), inverse, out)
-        # the official steps: roll, partition, attention, reverse, roll back
-        qkv = qkv.view(B, H, W, -1)
-        if shift:
-            qkv = torch.roll(qkv, shifts=(-shift, -shift), dims=(1, 2))
-        y = attend(*split_heads(window_partition(qkv, ws), 3, self.num_heads))
-        y = window_reverse(rearrange(y, "b h n d -> b n (h d)"), ws, (H, W))
-        if shift:
-            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-        y = y.reshape(B, H * W, -1)
-        return y if out is None else out.copy_(y)
+        order, inverse = geom.orders[1 if shift else 0]
+        windows = partition_heads(permute_tokens(qkv, order), self.window_size ** 2, 3, self.num_heads)
+        fast = self.attn_impl != "reference"
+        q, k, v = normalize_qkv(windows, self.attn_transform.scale()) if fast else windows.permute(2, 0, 3, 1, 4).unbind(0)
+        y = cosine_attention(q, k, v, self.attn_transform, geom.table, geom.index, geom.mask if shift else None,
+                             self.attn_drop if self.training else 0.0, self.attn_impl, fast, self.lean_backward)
+        return permute_tokens(merge_heads(y, qkv.shape[0]), inverse, out)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, " \
