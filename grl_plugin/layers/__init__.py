@@ -1,13 +1,6 @@
-"""GRL building blocks: pure PyTorch (+ einops), usable in any network.
-
-* :mod:`.attention` -- the one attention core (scaled cosine attention + continuous bias).
-* :mod:`.cpb` -- the continuous position-bias MLP, with its CPU form for coordinate grids.
-* :mod:`.geometry` -- tables, relative indices and masks, cached per (size, device).
-* :class:`WindowAttention`, :class:`AnchorStripeAttention`, :class:`AnchorProjection`.
-* :class:`CAB` -- the local conv + channel-attention branch.
-* :class:`MixedAttention`, :class:`GRLBlock`, :class:`GRLStage` -- take (B, C, H, W) of any
-  size, or (B, L, C) tokens with ``x_size``; :func:`compile_blocks` compiles each block (regional).
-"""
+"""GRL building blocks in pure PyTorch (+ einops): :mod:`.attention` (the attention math and its
+one dispatch), :mod:`.geometry` (cached tables, indices, masks), regional / global / local
+modules, and :class:`GRLBlock` / :class:`GRLStage`, which take (B, C, H, W) maps of any size."""
 from .attention import (ATTN_IMPLS, AffineTransform, BiasCacheBudget, bias_cache_bytes, cosine_attention,
                         normalize_qkv)
 from .block import (CONV_TYPES, DropPath, configure, GRLBlock, GRLStage, MixedAttention, Mlp,
@@ -19,10 +12,8 @@ from .stripe_attn import ANCHOR_PROJ_TYPES, AnchorProjection, AnchorStripeAttent
 from .window_attn import WindowAttention
 
 __all__ = [
-    "ATTN_IMPLS", "ANCHOR_PROJ_TYPES", "CONV_TYPES", "AffineTransform", "AnchorProjection",
-    "AnchorStripeAttention", "CAB", "ChannelAttention", "DropPath", "GRLBlock", "GRLGeometry",
-    "GRLStage", "MixedAttention", "Mlp", "WindowAttention", "build_last_conv", "clear_cache", "compile_blocks",
-    "cosine_attention", "default_heads", "normalize_qkv", "grl_geometry", "pad_multiple", "pad_to_multiple",
-    "BiasCacheBudget", "configure", "bias_cache_bytes",
-    "stripe_info", "to_map", "to_tokens", "uncompile_blocks",
-]
+    "ATTN_IMPLS", "ANCHOR_PROJ_TYPES", "CONV_TYPES", "AffineTransform", "AnchorProjection", "AnchorStripeAttention",
+    "BiasCacheBudget", "CAB", "ChannelAttention", "DropPath", "GRLBlock", "GRLGeometry", "GRLStage", "MixedAttention",
+    "Mlp", "WindowAttention", "bias_cache_bytes", "build_last_conv", "clear_cache", "compile_blocks", "configure",
+    "cosine_attention", "default_heads", "grl_geometry", "normalize_qkv", "pad_multiple", "pad_to_multiple",
+    "stripe_info", "to_map", "to_tokens", "uncompile_blocks"]

@@ -9,10 +9,8 @@ For queries ``q``, keys ``k`` and values ``v`` of one window or stripe::
 
 :func:`cosine_attention` is the one entry point. ``impl="reference"`` runs these steps one by
 one, as the official code (the oracle of every test); ``impl="sdpa"`` (default) dispatches, here
-and nowhere else, to a faster executor of the same function: plain operations for tracing /
-ONNX export and attention dropout, :func:`.kernels.cpu.attention` for CPU tensors,
-:func:`.kernels.sdpa.attention` (PyTorch's fused SDPA) on other devices and under
-``torch.compile``. The fast path's bias is formed and cached by :mod:`.bias`, its MLP by :mod:`.cpb`.
+only, to a faster executor: plain operations for export and dropout, :func:`.kernels.cpu.attention`
+on CPU, :func:`.kernels.sdpa.attention` (fused SDPA) elsewhere and under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -29,8 +27,7 @@ from .cpb import CpbMlp, cpb_values, grid_axes
 from .kernels import cpu, sdpa
 from .kernels.sdpa import normalize_qkv
 
-__all__ = ["ATTN_IMPLS", "AffineTransform", "BiasCacheBudget", "bias_cache_bytes", "cosine_attention",
-           "normalize_qkv"]
+__all__ = ["ATTN_IMPLS", "AffineTransform", "BiasCacheBudget", "bias_cache_bytes", "cosine_attention", "normalize_qkv"]
 
 ATTN_IMPLS = ("sdpa", "reference")
 _MAX_LOGIT_SCALE = math.log(1.0 / 0.01)
@@ -38,15 +35,8 @@ _EPS = 1e-12  # F.normalize's default
 
 
 class AffineTransform(nn.Module):
-    """Learned logit scale and continuous relative position bias of one attention.
-
-    State-dict keys (official): ``logit_scale`` (heads, 1, 1), ``cpb_mlp.0`` Linear(2, 512),
-    ``cpb_mlp.2`` Linear(512, heads, bias=False).
-
-    Args:
-        num_heads: attention heads.
-        cpb_hidden: hidden width of the position-bias MLP (512 in GRL).
-    """
+    """Learned logit scale and continuous position bias of one attention: ``logit_scale`` (heads,
+    1, 1), ``cpb_mlp.0`` Linear(2, ``cpb_hidden``), ``cpb_mlp.2`` Linear(``cpb_hidden``, heads, bias=False)."""
 
     def __init__(self, num_heads: int, cpb_hidden: int = 512):
         super().__init__()
@@ -54,8 +44,7 @@ class AffineTransform(nn.Module):
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((num_heads, 1, 1))))
         self.cpb_mlp = nn.Sequential(nn.Linear(2, cpb_hidden, bias=True), nn.ReLU(inplace=True),
                                      nn.Linear(cpb_hidden, num_heads, bias=False))
-        self._bias_cache: dict = {}
-        self.bias_budget = bias.DEFAULT_BIAS_BUDGET
+        self._bias_cache, self.bias_budget = {}, bias.DEFAULT_BIAS_BUDGET  # (see .bias)
 
     def cache_bytes(self) -> int:
         """Bytes held by this module's eval-time position-bias cache (:mod:`.bias`)."""
@@ -71,8 +60,7 @@ class AffineTransform(nn.Module):
         bias = values[index.reshape(-1)].view(*index.shape, -1).permute(2, 0, 1).contiguous()
         return 16 * torch.sigmoid(bias)
 
-    def position_bias(self, table: torch.Tensor, index: torch.Tensor,
-                      mask: Optional[torch.Tensor] = None, plan=None) -> torch.Tensor:
+    def position_bias(self, table: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor] = None, plan=None):
         """:meth:`position_bias_reference` (+ ``mask``) as the fast path caches it (:mod:`.bias`)."""
         return bias.position_bias(self, table, index, mask, plan)
 
@@ -108,19 +96,14 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, transfor
     """Scaled cosine attention with position bias and optional region mask.
 
     Args:
-        q: (B*nW, heads, N1, d) queries; ``k`` (B*nW, heads, N2, d); ``v`` (B*nW, heads, N2, dv).
+        q, k, v: (B*nW, heads, N1, d), (B*nW, heads, N2, d), (B*nW, heads, N2, dv) -> (B*nW, heads, N1, dv).
         transform: the :class:`AffineTransform` holding logit scale and CPB MLP.
         table, index: coordinate table and (N1, N2) relative index (``layers.geometry``).
         mask: optional (nW, N1, N2) additive mask; ``q``'s leading dim is batch-major over nW.
-        dropout_p: attention dropout (applied when > 0).
-        impl: ``"sdpa"`` or ``"reference"``.
+        dropout_p, impl: attention dropout; ``"sdpa"`` or ``"reference"``.
         normalized: ``"sdpa"`` only: q and k come normalised, q scaled (:func:`normalize_qkv`).
-        lean_backward: CPU training trade-off of ``"sdpa"``: ``None`` recomputes the
-            probabilities in the backward where they are larger than q, k, v and the output,
-            ``True`` always (least memory), ``False`` never (fastest).
-
-    Returns:
-        (B*nW, heads, N1, dv).
+        lean_backward: CPU training trade-off of ``"sdpa"``: ``None`` recomputes the probabilities
+            in the backward where larger than q, k, v and the output, ``True`` always, ``False`` never.
     """
     if impl == "reference":  # the official steps, one by one
         logits = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * transform.scale()

@@ -16,14 +16,10 @@ _LARGE_INDEX_MIN = 1 << 16
 
 
 class BiasCacheBudget:
-    """Bytes the eval-time position-bias caches of the :class:`~.attention.AffineTransform` s
-    sharing this budget may hold together (``max_mib``; 0: no caching).
-
-    A cache keeps one (heads, N1, N2) bias (for small shifted windows, the (nW, heads, N1, N2)
-    bias + mask) per module and geometry. Modules beyond the budget recompute theirs, except
-    on the CPU those with large windows or stripes, which keep the much smaller runs of table
-    cells :func:`grouped_bias` gives. Every GRL network has its own budget of 512 MiB;
-    :func:`~.block.configure` (``bias_cache_mib``) gives a module tree a new one."""
+    """``max_mib`` the eval-time bias caches of the attentions sharing it may hold (0: none): one
+    bias (or bias + mask) per module and geometry. Modules beyond it recompute theirs, except
+    large CPU windows and stripes, which keep their much smaller :func:`grouped_bias` runs.
+    Each GRL network has its own (512 MiB); :func:`~.block.configure` sets another."""
 
     def __init__(self, max_mib: float = 512):
         if max_mib < 0:

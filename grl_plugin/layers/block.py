@@ -92,13 +92,9 @@ _UNSET = object()
 
 def configure(module: nn.Module, *, lean_backward=_UNSET, bias_cache_mib=_UNSET) -> nn.Module:
     """Set run-time options on every GRL layer inside ``module`` (nothing outside); returns it.
-
-    * ``lean_backward``: the fast path's training memory/speed trade-off: ``None`` (default,
-      automatic), ``True`` (least memory: attention probabilities, MLP hidden layers and
-      post-norm inputs recomputed in the backward) or ``False`` (fastest: all kept).
-    * ``bias_cache_mib``: a new :class:`~.bias.BiasCacheBudget` of that many MiB for the module's
-      attentions (0: no eval-time position-bias caching); their caches are emptied.
-    """
+    ``lean_backward``: ``None`` (automatic), ``True`` (least training memory: probabilities, MLP
+    hidden layers, post-norm inputs recomputed in the backward) or ``False`` (fastest: all kept).
+    ``bias_cache_mib``: a new :class:`~.bias.BiasCacheBudget` for the module's attentions (0: none)."""
     if bias_cache_mib is not _UNSET:
         budget = BiasCacheBudget(bias_cache_mib)
         for m in module.modules():
@@ -126,19 +122,13 @@ def _recompute(x: torch.Tensor, module: nn.Module, *dropouts: nn.Dropout) -> boo
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``).
-
-    ``lean`` (the fast path; stored as ``attn_impl``, which ``GRL.set_attn_impl`` switches):
-    the MLP and the post-norm of ``forward(x, norm)`` are recomputed in the backward
-    (``torch.utils.checkpoint``, see :func:`_recompute`)."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (keys ``fc1``, ``fc2``); ``lean`` (the fast path,
+    as ``attn_impl``): MLP and the post-norm of ``forward(x, norm)`` recomputed in the backward."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, lean: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
+        self.fc1, self.act, self.drop1 = nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop)
+        self.fc2, self.drop2 = nn.Linear(hidden, dim), nn.Dropout(drop)
         self.attn_impl = "sdpa" if lean else "reference"
         self.lean_backward: Optional[bool] = None  # see _recompute; set by layers.configure
 
@@ -225,35 +215,28 @@ class MixedAttention(nn.Module):
             raise ValueError(f"mixed attention: dim must be even, got {dim}")
         if stripe_type not in ("H", "W"):
             raise ValueError(f"stripe_type must be 'H' or 'W', got {stripe_type!r}")
-        self.dim = dim
-        self.window_size = int(window_size)
-        self.stripe_size = tuple(stripe_size)
-        self.stripe_groups = tuple(stripe_groups)
+        self.dim, self.window_size, self.stripe_type = dim, int(window_size), stripe_type
+        self.stripe_size, self.stripe_groups = tuple(stripe_size), tuple(stripe_groups)
         self.anchor_window_down_factor = int(anchor_window_down_factor)
-        self.stripe_type = stripe_type
         self.qkv = QKVProjection(dim, qkv_bias, qkv_proj_type)
         self.anchor = AnchorProjection(dim, anchor_proj_type, anchor_one_stage, anchor_window_down_factor)
-        self.window_attn = WindowAttention(dim // 2, window_size, num_heads_window, window_shift,
-                                           attn_drop, attn_impl)
-        self.stripe_attn = AnchorStripeAttention(dim // 2, num_heads_stripe, stripe_type, stripe_shift,
-                                                 attn_drop, attn_impl)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.window_attn = WindowAttention(dim // 2, window_size, num_heads_window, window_shift, attn_drop, attn_impl)
+        self.stripe_attn = AnchorStripeAttention(dim // 2, num_heads_stripe, stripe_type, stripe_shift, attn_drop,
+                                                 attn_impl)
+        self.proj, self.proj_drop = nn.Linear(dim, dim), nn.Dropout(proj_drop)
         self.lean_backward: Optional[bool] = None  # see _recompute; set by layers.configure
 
     @property
-    def pad_multiple(self) -> int:
-        """Multiple the sides of a token grid must have."""
-        return pad_multiple(self.window_size, self.stripe_size, self.stripe_groups,
-                            self.anchor_window_down_factor)
+    def pad_multiple(self) -> int:  # the sides of a token grid must be multiples of it
+        return pad_multiple(self.window_size, self.stripe_size, self.stripe_groups, self.anchor_window_down_factor)
 
     def geometry(self, x_size: Tuple[int, int], device) -> GRLGeometry:
-        """Tables/indices/masks for a grid of ``x_size`` (from the shared cache)."""
+        """Tables, indices and masks for a grid of ``x_size`` (cached)."""
         if x_size[0] % self.pad_multiple or x_size[1] % self.pad_multiple:
             raise ValueError(f"token grid {x_size[0]}x{x_size[1]} is not a multiple of {self.pad_multiple}; "
                              f"pass (B, C, H, W) maps to have them padded")
-        return grl_geometry(self.window_size, self.stripe_size, self.stripe_groups,
-                            self.anchor_window_down_factor, x_size, device)
+        return grl_geometry(self.window_size, self.stripe_size, self.stripe_groups, self.anchor_window_down_factor,
+                            x_size, device)
 
     def forward(self, x: torch.Tensor, x_size: Tuple[int, int],
                 geom: Optional[GRLGeometry] = None, norm: Optional[nn.Module] = None) -> torch.Tensor:
@@ -322,14 +305,11 @@ class GRLBlock(_MapOrTokens):
                  local_connection: bool = False, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, res_scale: float = 1.0, attn_impl: str = "sdpa"):
         super().__init__()
-        num_heads_window = num_heads_window or default_heads(dim)
-        num_heads_stripe = num_heads_stripe or default_heads(dim)
-        self.dim = dim
-        self.res_scale = res_scale
-        self.attn = MixedAttention(dim, num_heads_window, num_heads_stripe, window_size, window_shift,
-                                   stripe_size, stripe_groups, stripe_type, stripe_shift,
-                                   anchor_window_down_factor, qkv_bias, qkv_proj_type,
-                                   anchor_proj_type, anchor_one_stage, attn_drop, drop, attn_impl)
+        self.dim, self.res_scale = dim, res_scale
+        self.attn = MixedAttention(dim, num_heads_window or default_heads(dim), num_heads_stripe or default_heads(dim),
+                                   window_size, window_shift, stripe_size, stripe_groups, stripe_type, stripe_shift,
+                                   anchor_window_down_factor, qkv_bias, qkv_proj_type, anchor_proj_type,
+                                   anchor_one_stage, attn_drop, drop, attn_impl)
         self.norm1 = nn.LayerNorm(dim)
         self.conv = CAB(dim) if local_connection else None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -372,9 +352,8 @@ class GRLStage(_MapOrTokens):
     ``blocks.{j}``, ``conv``.
 
     Args:
-        dim, depth: channels and number of blocks.
-        drop_path: a rate, or one rate per block.
-        conv_type: closing convolution (``"1conv"``, ``"3conv"``, ``"1conv1x1"``, ``"linear"``).
+        dim, depth, drop_path: channels; number of blocks; a rate, or one per block.
+        conv_type: closing convolution, one of :data:`CONV_TYPES`.
         use_checkpoint: recompute each block in the backward (activation checkpointing).
         **block_kwargs: for every :class:`GRLBlock` (not ``window_shift``, ``stripe_type``).
     """
@@ -413,11 +392,8 @@ class GRLStage(_MapOrTokens):
 
 def compile_blocks(module: nn.Module, **compile_kwargs) -> nn.Module:
     """Regional compilation: ``torch.compile`` (``compile_kwargs``) the token forward of every
-    :class:`GRLBlock` in ``module`` in place; returns ``module``.
-
-    The blocks share one compiled function, so dynamo compiles one graph per block layout (at
-    most 5 in GRL's pattern), far faster than the whole network; the state dict is unchanged,
-    ``copy.deepcopy`` rebinds it to the copy, :func:`uncompile_blocks` undoes it."""
+    :class:`GRLBlock` in ``module`` in place (one graph per block layout, at most 5 in GRL's
+    pattern); the state dict is unchanged, :func:`uncompile_blocks` undoes it."""
     compiled = {}
     for m in module.modules():
         if isinstance(m, GRLBlock):

@@ -2,13 +2,11 @@
 (hidden,), w2: (heads, hidden), hidden 512 in GRL) for every cell t of a coordinate table,
 head-major (heads, T), and its grid form for large tables on the CPU.
 
-On a grid (cell (i, j) = (a_i, b_j), as every :func:`~.geometry.coords_table`) the first
-layer is ``A[i, c] + b_j w[c]`` with ``A = a w1[:, 0]^T + b1``, ``w = w1[:, 1]``. Channel c of
-row i is on for a run of the (sorted) columns, ``j >= e[i, c]`` (``w[c] > 0``) or ``j <
-e[i, c]``, so each output row is ``P(j) + b_j Q(j)`` with P, Q running sums of what channels
-add where they switch on or off (:func:`_grid_forward`); the weights' gradients are
-differences of running sums (:func:`_grid_backward`). O(rows x (hidden + cols)) work in
-float64 and no (T, hidden) layer, instead of O(T x hidden).
+On a grid (cell (i, j) = (a_i, b_j)) the first layer is ``A[i, c] + b_j w[c]``; channel c of
+row i is on for a run of the sorted columns, so each output row is ``P(j) + b_j Q(j)`` with P,
+Q running sums of what channels add where they switch (:func:`_grid_forward`), and the
+gradients are differences of running sums (:func:`_grid_backward`): O(rows x (hidden + cols))
+work in float64, no (T, hidden) layer.
 """
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ import torch
 from .geometry import GridAxes
 from .geometry import grid_axes as _grid_axes
 
-#: Tables of at least this many cells take the grid form on CPU (GRL's 32x32 windows and 64x64
-#: stripes; not its 8x8 windows' 15 x 15 tables).
+#: Tables of at least this many cells take the grid form on CPU (not GRL's 8x8 windows' 15 x 15).
 _GRID_MIN_CELLS = 1536
 
 

@@ -106,12 +106,9 @@ def partition_order(size: Size2, part: Size2, shift: Size2,
 
 @lru_cache(maxsize=64)
 def reversed_keys_plan(index: torch.Tensor, table_width: int):
-    """``(offset, sizes, strides, index.flip(-1))`` such that ``values[:, index.flip(-1)]`` is
-    the table seen through ``strides`` over (qy, qx, ky, kx), or ``None`` (checked exactly).
-
-    GRL's indices are ``(qy - ky + c0) * width + (qx - kx + c1)`` (or with the signs swapped):
-    with the keys reversed both coordinates count upwards. Attention does not depend on the
-    order of its keys. Cached per index tensor."""
+    """``(offset, sizes, strides, index.flip(-1))``: ``values[:, index.flip(-1)]`` is the table seen
+    through ``strides`` over (qy, qx, ky, kx) (GRL's ``(qy - ky + c0) * width + qx - kx + c1`` with
+    the keys reversed), or ``None``; checked exactly, cached per index tensor."""
     n1, n2 = index.shape
     if n1 < 2 or n2 < 2 or int(index.min()) < 0:
         return None
@@ -207,12 +204,9 @@ def masked_windows(mask: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def mask_factors(mask: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(a (nW, N1, R), b (nW, N2, R))`` with ``a @ b^T == mask`` exactly, or ``None``.
-
-    Keys group by region: ``b`` is each key's one-hot group, ``a[w, i, r]`` query i's mask value
-    for group r. As R extra q/k columns they add the mask inside q k^T (products -100 x 1 or
-    0 x 1: exact in any format), so no per-window bias + mask is written. R is the most regions
-    in one window (4 in GRL). Cached per mask tensor."""
+    """``(a (nW, N1, R), b (nW, N2, R))`` with ``a @ b^T == mask`` exactly (``b``: each key's one-hot
+    region group, ``a``: each query's mask value per group; R <= 4 in GRL), or ``None``. As extra
+    q/k columns they add the mask inside q k^T exactly. Cached per mask tensor."""
     with torch.inference_mode(False):
         n_w, n1, n2 = mask.shape
         masked = masked_windows(mask).tolist()

@@ -19,15 +19,9 @@ class ChannelAttention(nn.Module):
 
 
 class CAB(nn.Module):
-    """Conv(dim, dim/4, 3) -> GELU -> Conv(dim/4, dim, 3) -> channel attention (key ``cab``).
-
-    Works on (B, C, H, W) of any size, or on (B, L, C) tokens with ``x_size``.
-
-    Args:
-        dim: channels.
-        compress_ratio: channel reduction of the first convolution (4 in GRL).
-        reduction: squeeze factor of the channel attention (18 in GRL).
-    """
+    """Conv(dim, dim/4, 3) -> GELU -> Conv(dim/4, dim, 3) -> channel attention (key ``cab``), on
+    (B, C, H, W) maps or (B, L, C) tokens with ``x_size``; ``compress_ratio`` (4) reduces the
+    first convolution's channels, ``reduction`` (18) is the channel attention's squeeze."""
 
     def __init__(self, dim: int, compress_ratio: int = 4, reduction: int = 18):
         super().__init__()

@@ -66,20 +66,17 @@ class AnchorProjection(nn.Module):
     ``one_stage`` reduces by ``df`` at once (every official config: avgpool, key
     ``body.0.reduction``), else in ``log2(df)`` stages of 2."""
 
-    def __init__(self, dim: int, proj_type: str = "avgpool", one_stage: bool = True,
-                 down_factor: int = 1):
+    def __init__(self, dim: int, proj_type: str = "avgpool", one_stage: bool = True, down_factor: int = 1):
         super().__init__()
-        out_dim = dim // 2
         if one_stage or down_factor == 1:
-            self.body = nn.Sequential(_anchor_stage(proj_type, dim, out_dim, down_factor))
+            self.body = nn.Sequential(_anchor_stage(proj_type, dim, dim // 2, down_factor))
+        elif down_factor & (down_factor - 1):
+            raise ValueError(f"multi-stage anchor projection needs a power-of-two anchor_window_down_factor, "
+                             f"got {down_factor}")
         else:
-            stages = max(1, round(torch.log2(torch.tensor(float(down_factor))).item()))
-            if 2 ** stages != down_factor:
-                raise ValueError(f"multi-stage anchor projection needs a power-of-two "
-                                 f"anchor_window_down_factor, got {down_factor}")
-            self.body = nn.Sequential(*[
-                _anchor_stage(proj_type, dim, out_dim if i == stages - 1 else dim, 2)
-                for i in range(stages)])
+            stages = down_factor.bit_length() - 1
+            self.body = nn.Sequential(*[_anchor_stage(proj_type, dim, dim // 2 if i == stages - 1 else dim, 2)
+                                        for i in range(stages)])
 
     def forward(self, x: torch.Tensor, x_size: Tuple[int, int]) -> torch.Tensor:
         H, W = x_size
@@ -93,13 +90,10 @@ class AnchorStripeAttention(nn.Module):
     Keys: ``attn_transform1`` (anchor -> window), ``attn_transform2`` (window -> anchor).
 
     Args:
-        dim: channels of the output (the stripe half of the block's channels).
-        num_heads: heads; ``dim`` must be divisible by it.
-        stripe_type: ``"H"`` or ``"W"``: which orientation of the geometry set to use
-            (``"W"`` blocks use the reversed stripe size / groups).
-        stripe_shift: roll by half a stripe (and use the region masks).
-        attn_drop: attention dropout.
-        attn_impl: ``"sdpa"`` or ``"reference"``.
+        dim, num_heads: channels of the output (the block's stripe half), divisible by the heads.
+        stripe_type: ``"H"`` or ``"W"`` (the reversed stripe size / groups) geometry.
+        stripe_shift: shift by half a stripe (and use the region masks).
+        attn_drop, attn_impl: attention dropout; ``"sdpa"`` or ``"reference"``.
     """
 
     def __init__(self, dim: int, num_heads: int, stripe_type: str = "H", stripe_shift: bool = False,
@@ -107,10 +101,8 @@ class AnchorStripeAttention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"stripe attention: dim {dim} is not divisible by num_heads {num_heads}")
-        self.dim, self.num_heads = dim, num_heads
-        self.stripe_type, self.stripe_shift = stripe_type, stripe_shift
-        self.attn_drop = attn_drop
-        self.attn_impl = attn_impl
+        self.dim, self.num_heads, self.stripe_type, self.stripe_shift = dim, num_heads, stripe_type, stripe_shift
+        self.attn_drop, self.attn_impl = attn_drop, attn_impl
         self.lean_backward: Optional[bool] = None  # see cosine_attention; set by layers.configure
         self.attn_transform1 = AffineTransform(num_heads)
         self.attn_transform2 = AffineTransform(num_heads)

@@ -31,12 +31,9 @@ class WindowAttention(nn.Module):
     window half of the QKV projection, (B, L, 3 * dim) tokens of an (H, W) grid -> (B, L, dim).
 
     Args:
-        dim: channels of the output (the window half of the block's channels).
-        window_size: square window side.
-        num_heads: heads; ``dim`` must be divisible by it.
-        window_shift: roll the grid by half a window (and use the region mask).
-        attn_drop: attention dropout.
-        attn_impl: ``"sdpa"`` or ``"reference"`` (see :mod:`.attention`).
+        dim, num_heads: channels of the output (the block's window half), divisible by the heads.
+        window_size, window_shift: square window side; shift by half a window (and use the mask).
+        attn_drop, attn_impl: attention dropout; ``"sdpa"`` or ``"reference"``.
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, window_shift: bool = False,
@@ -44,10 +41,8 @@ class WindowAttention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"window attention: dim {dim} is not divisible by num_heads {num_heads}")
-        self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
-        self.window_shift = window_shift
-        self.attn_drop = attn_drop
-        self.attn_impl = attn_impl
+        self.dim, self.window_size, self.num_heads, self.window_shift = dim, window_size, num_heads, window_shift
+        self.attn_drop, self.attn_impl = attn_drop, attn_impl
         self.lean_backward: Optional[bool] = None  # see cosine_attention; set by layers.configure
         self.attn_transform = AffineTransform(num_heads)
 
@@ -57,9 +52,9 @@ class WindowAttention(nn.Module):
         Tokens are rolled and partitioned by one gather, and put back by another."""
         shift = geom.shift if self.window_shift else 0
         order, inverse = geom.orders[1 if shift else 0]
-        windows = partition_heads(permute_tokens(qkv, order), self.window_size ** 2, 3, self.num_heads)
+        x = partition_heads(permute_tokens(qkv, order), self.window_size ** 2, 3, self.num_heads)
         fast = self.attn_impl != "reference"
-        q, k, v = normalize_qkv(windows, self.attn_transform.scale()) if fast else windows.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = normalize_qkv(x, self.attn_transform.scale()) if fast else x.permute(2, 0, 3, 1, 4).unbind(0)
         y = cosine_attention(q, k, v, self.attn_transform, geom.table, geom.index, geom.mask if shift else None,
                              self.attn_drop if self.training else 0.0, self.attn_impl, fast, self.lean_backward)
         return permute_tokens(merge_heads(y, qkv.shape[0]), inverse, out)

@@ -1,15 +1,8 @@
-"""The CPU executor of :func:`~..attention.cosine_attention` (CPU tensors, not compiling,
-tracing or dropping out): softmax(q k^T + bias + mask) @ v, q and k normalised, q scaled.
-
-* training: :class:`_LeanAttention`, the fused CPU kernel forward (no N1 x N2 logits kept) and a
-  backward that recomputes the probabilities in cache-sized blocks (``lean_backward``);
-* eval of large windows and stripes whose bias is not cached: :func:`_grouped_flash`, the
-  fused kernel reading the bias as runs of table cells (keys in reverse order);
-* otherwise: the fused kernel with the cached bias (:func:`~.sdpa.fused`).
-
-Large windows and stripes take their keys in reverse order, which makes the bias the table
-seen through strides (:func:`~..bias.reversed_keys`). Probabilities are floored at 1e-20
-(subnormal floats are many times slower on x86 CPUs).
+"""The CPU executor of :func:`~..attention.cosine_attention`: in training :class:`_LeanAttention`
+(fused forward, blocked recomputing backward), in eval the fused kernel with the cached bias,
+or :func:`_grouped_flash` for large windows and stripes whose bias is not cached. Large windows
+and stripes take their keys in reverse order, which makes the bias the table seen through
+strides (:func:`~..bias.reversed_keys`). Probabilities are floored at 1e-20 (no subnormals).
 """
 from __future__ import annotations
 
@@ -84,8 +77,7 @@ def _grouped_flash(q, k, v, bias, mask) -> Optional[torch.Tensor]:
     return out.view(n, heads, n1, dv)
 
 
-def _fused_with_lse(q, k, v, bias, mask):
-    """The fused kernel, also returning the rows' log-sum-exp: (out, lse (B*nW, heads, N1))."""
+def _fused_with_lse(q, k, v, bias, mask):  # -> (out, the rows' log-sum-exp (B*nW, heads, N1))
     return sdpa.run(q, k, v, bias, mask, lambda qs, ks, vs, m: _FLASH_CPU(qs, ks, vs, 0.0, False, attn_mask=m, scale=1.0))
 
 
@@ -134,17 +126,12 @@ def _probs_(s: torch.Tensor) -> torch.Tensor:
 
 
 class _LeanAttention(torch.autograd.Function):
-    """softmax(q k^T + bias + mask) @ v for autograd on CPU with a lean backward.
+    """softmax(q k^T + bias + mask) @ v on CPU, the bias given as (heads, T) table values + index.
 
-    Takes the bias as (heads, T) table values + (N1, N2) index. The forward is the fused kernel,
-    which also gives each row's log-sum-exp; it keeps q, k, v, the output, the lse and the
-    bias (one (heads, N1, N2) tensor, or for reversed keys the table). The backward recomputes
-    P = exp(q k^T + bias + mask - lse) and dS = P * (dO v^T - rowsum(dO * O)) in blocks of
-    about :data:`_BACKWARD_BLOCK_BYTES` (:func:`_backward_blocks`); the bias gradient, summed
-    over windows, goes to the table cells by ``index_add_``. With ``save_probs`` (or without
-    the fused kernel, or v's head dim differing from q's) P is kept instead of the output
-    and lse; ``least_memory`` keeps neither (the row term is then rowsum(P * dP)).
-    """
+    The fused forward also gives the rows' log-sum-exp; q, k, v, output, lse and the bias (or,
+    for reversed keys, the table) are kept. The backward recomputes P = exp(q k^T + bias + mask
+    - lse) and dS = P * (dO v^T - rowsum(dO * O)) in blocks (:func:`_backward_blocks`). With
+    ``save_probs`` P is kept instead; ``least_memory`` keeps neither P nor the output."""
 
     @staticmethod
     def forward(ctx, q, k, v, values, index, mask, save_probs, width=None, least_memory=False):

@@ -41,12 +41,9 @@ def attention(q, k, v, transform, table, index, mask):
 
 
 def run(q, k, v, bias, mask, kernel):
-    """``kernel(q, k, v, attn_mask)`` (4-D SDPA operands, returns ``(out, lse or None)``) with
-    bias (+ mask) as the additive mask -> ``(out (B*nW, heads, N1, dv), lse or None)``.
-
-    ``bias``: (heads, N1, N2) shared by all windows, or bias + mask per window (nW, heads, N1,
-    N2), ``mask`` then ``None``. A region mask that factors (:func:`mask_columns`) enters as
-    extra q/k columns (zero columns of v): no (windows, heads, N1, N2) tensor is written."""
+    """``kernel(q, k, v, attn_mask) -> (out, lse or None)`` (4-D SDPA operands) with ``bias``
+    (heads, N1, N2) (+ ``mask``) or bias + mask per window (nW, heads, N1, N2) as the additive
+    mask; a mask that factors (:func:`mask_columns`) enters as extra q/k columns instead."""
     heads, n1, n2 = bias.shape[-3:]
     n, dv = q.shape[0], v.shape[-1]
     if bias.dim() == 3:
