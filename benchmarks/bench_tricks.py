@@ -50,7 +50,7 @@ def _tricks():
         "mask_columns": ("region mask as extra q/k columns (large windows)",
                          [("base@sr", "eval"), ("small@sr", "train")],
                          [(sdpa, "_MASK_COLUMNS_MIN_PAIRS", huge)]),
-        "large_index_plans": ("reversed keys / grouped kernel / two-step gather for large indices",
+        "large_index_plans": ("reversed keys (strided bias) / grouped kernel for large indices",
                               [("small@sr", "eval"), ("small@sr", "train"), ("base@sr", "eval")],
                               [(bias, "_LARGE_INDEX_MIN", huge)]),
         "backward_blocks": ("CPU backward in cache-sized blocks",
@@ -65,6 +65,9 @@ def _tricks():
         "normalize_function": ("normalize_qkv's autograd Function (keeps only its output)",
                                [("tiny", "train"), ("small@sr", "train")],
                                [(sdpa._NormalizeQKV, "apply", staticmethod(_normalize_plain))]),
+        "out_buffer": ("eval: both attention halves written into one buffer (no concatenation)",
+                       [("tiny", "eval"), ("base", "eval"), ("small@sr", "eval")],
+                       [(block, "_tracing", lambda: True)]),
     }
 
 

@@ -520,17 +520,6 @@ def test_permute_tokens_gradient_and_strided_output():
         assert torch.equal(buf[..., 5:], x[:, order]) and not buf[..., :5].any()
 
 
-def test_qkv_halves_equal_the_projection_split():
-    from grl_plugin.layers.block import QKVProjection
-    torch.manual_seed(0)
-    proj = QKVProjection(12)
-    x = torch.randn(2, 7, 12)
-    full = proj(x)
-    w_half, s_half = proj.halves(x)
-    assert w_half.is_contiguous() and s_half.is_contiguous()
-    assert torch.allclose(torch.cat([w_half, s_half], -1), full, atol=1e-6)
-
-
 def test_automatic_backward_keeps_probabilities_only_when_small(monkeypatch):
     """Automatic mode: P kept for 8x8 windows (64 x 64 per head, d 32), recomputed for 32x32
     windows (1024 x 1024, d 16) and 64x64 stripes against 16x16 anchors (4096 x 256, d 16)."""

@@ -180,11 +180,6 @@ class QKVProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
-    def halves(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The window and stripe halves of :meth:`forward`, each contiguous (two products)."""
-        b = self.body.bias.chunk(2) if self.body.bias is not None else (None, None)
-        return tuple(F.linear(x, w, bias) for w, bias in zip(self.body.weight.chunk(2), b))
-
 
 class MixedAttention(nn.Module):
     """Window attention on half of the channels, anchored stripe attention on the other half.
@@ -244,7 +239,7 @@ class MixedAttention(nn.Module):
         geom = geom or self.geometry(x_size, x.device)
         stripe_geom = geom.stripe_h if self.stripe_type == "H" else geom.stripe_v
         fast = self.window_attn.attn_impl != "reference"
-        qkv_window, qkv_stripe = self.qkv.halves(x) if fast else self.qkv(x).chunk(2, dim=-1)
+        qkv_window, qkv_stripe = self.qkv(x).chunk(2, dim=-1)
         anchor = self.anchor(x, x_size)
         if fast and not (torch.is_grad_enabled() or _tracing()):  # both halves written into one buffer
             y = qkv_window.new_empty(x.shape)  # (autocast: the projections' dtype)
