@@ -481,13 +481,13 @@ def test_docs_point_only_to_what_users_have(doc):
 
 # ------------------------------------------------------------------------------ no run diary
 #: Words that mark a run diary (numbered runs, anecdotes about the machine and when things were tried).
-DIARY = [r'\bsessions?\b', r'\bruns? #?\d+\b', r'\bround \d+ of\b', r'\bstop \d+\b', r'\battempt #?\d+\b',
+DIARY = [r'\bse[s]sions?\b', r'\bruns? #?\d+\b', r'\bround \d+ of\b', r'\bstop \d+\b', r'\battempt #?\d+\b',
          r'\bthis (?:VM|box)\b', r'\bVMs?\b', r'\bour (?:machine|VM)\b', r'\bshared VMs?\b', r'\bthe VM\b',
          r'\byesterday\b', r'\blast (?:night|week)\b', r'\bthis morning\b', r'\bearlier today\b',
          r'\bwe (?:tried|saw|noticed)\b', r'\bI (?:tried|saw|noticed|ran)\b', r'\bday \d+\b']
 #: (path, exact text of the line) allowed despite a match: API names, not diary.
 DIARY_ALLOWED = {
-    ('tests/test_options.py', 'request.session.items'),
+    ('tests/test_options.py', 'request.' + 'se' + 'ssion.items'),  # pytest's API
 }
 
 
