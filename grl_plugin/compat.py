@@ -10,8 +10,9 @@ fix_torchvision_import       re-imports torchvision with empty stand-ins for    
                              its two kernel-registration modules                 fails (CUDA wheel, CPU torch)
 fix_functional_tensor        adds ``torchvision.transforms.functional_tensor``   the module is missing
                              (``rgb_to_grayscale``), imported by basicsr 1.4.2   (torchvision >= 0.17)
-fix_dist_init_cpu            ``basicsr.utils.dist_util._init_dist_pytorch``:     CUDA is unavailable
-                             gloo from the torchrun environment
+fix_dist_init_cpu            ``basicsr.utils.dist_util._init_dist_pytorch`` /    CUDA is unavailable
+                             ``_init_dist_slurm``: gloo from the torchrun or
+                             slurm environment
 fix_ddp_cpu                  ``BaseModel.model_to_device``: DDP without          CUDA is unavailable
                              ``device_ids``
 fix_optimizers               ``BaseModel.get_optimizer``: any ``torch.optim``    it rejects ``AdamW``
@@ -148,12 +149,50 @@ def _init_dist_pytorch_cpu(backend, **kwargs):
                             world_size=int(os.environ['WORLD_SIZE']), **kwargs)
 
 
+_SLURM_ENV = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST')
+
+
+def _slurm_master_addr(nodes):
+    """First host of a slurm node list (``scontrol show hostnames``, as basicsr asks); without
+    ``scontrol`` a plain host name is taken as it is, else 127.0.0.1."""
+    import shutil
+    import subprocess
+    if shutil.which('scontrol'):
+        res = subprocess.run(['scontrol', 'show', 'hostnames', nodes], capture_output=True, text=True, timeout=60)
+        hosts = res.stdout.split() if res.returncode == 0 else []
+        if hosts:
+            return hosts[0]
+    return nodes if nodes and not any(c in nodes for c in '[],') else '127.0.0.1'
+
+
+def _init_dist_slurm_cpu(backend, port=None):
+    import torch
+    import torch.distributed as dist
+    if torch.cuda.is_available():
+        return original('basicsr.utils.dist_util', '_init_dist_slurm')(backend, port)
+    missing = [k for k in _SLURM_ENV if k not in os.environ]
+    if missing:
+        raise CompatError(f"--launcher slurm needs {', '.join(missing)} in the environment: start the run "
+                          'with srun (e.g. srun --ntasks=2 python -m grl_plugin.train ... --launcher slurm)')
+    backend = 'gloo' if backend == 'nccl' else backend
+    if not dist.is_available() or (backend == 'gloo' and not dist.is_gloo_available()):
+        raise CompatError('--launcher slurm without CUDA needs torch.distributed with the gloo backend')
+    addr = _slurm_master_addr(os.environ['SLURM_NODELIST'])
+    rank, world = int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])
+    os.environ['MASTER_PORT'] = str(port) if port is not None else os.environ.get('MASTER_PORT', '29500')
+    os.environ.update(MASTER_ADDR=addr, WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=os.environ.get('SLURM_LOCALID', '0'))
+    dist.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world)
+
+
 def fix_dist_init_cpu():
-    """basicsr's ``_init_dist_pytorch`` calls ``torch.cuda.set_device(rank % device_count())``
-    (ZeroDivisionError without GPUs) and uses nccl: without CUDA, start gloo from the torchrun
-    environment instead. Returns True if applied."""
+    """basicsr's ``_init_dist_pytorch`` and ``_init_dist_slurm`` call
+    ``torch.cuda.set_device(rank % device_count())`` (ZeroDivisionError without GPUs) and use
+    nccl: without CUDA, start gloo from the torchrun (slurm) environment instead. Returns True
+    if applied."""
     if _cuda_available() or is_patched('basicsr.utils.dist_util', '_init_dist_pytorch'):
         return False
+    patch('basicsr.utils.dist_util', '_init_dist_slurm', _init_dist_slurm_cpu, _BY)
     return patch('basicsr.utils.dist_util', '_init_dist_pytorch', _init_dist_pytorch_cpu, _BY)
 
 

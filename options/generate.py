@@ -3,7 +3,7 @@
 
 The released GRL models come in many near-identical configurations (3 sizes x 3 SR scales,
 3 sizes x 2 colour modes x 3 noise levels, 2 colour modes x 4 JPEG qualities, ...), so the YAMLs
-are generated from the tables below -- the official values of SPEC §10 (the official config
+are generated from the tables below -- the official values (the official config
 files: ``config/experiment/**`` + ``config/model/grl/**``) and the released checkpoint names --
 and committed. Edit this script, not the YAMLs, and re-run it::
 

@@ -185,6 +185,33 @@ def test_dist_init_outside_torchrun_names_torchrun(compat, monkeypatch):
 
 
 @needs_no_cuda
+def test_slurm_dist_init_on_cpu(compat, monkeypatch):
+    """--launcher slurm without CUDA: gloo from the SLURM_* variables (README's srun line; the
+    end-to-end run with two tasks is tests/test_docs.py::test_train_blocks)."""
+    import torch.distributed as dist
+    from basicsr.utils import dist_util
+    from helpers import free_port
+    if not dist.is_gloo_available():
+        pytest.skip('gloo backend not available')
+    for key in ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(compat.CompatError, match='srun'):
+        dist_util._init_dist_slurm('nccl')
+    for key, value in dict(SLURM_PROCID='0', SLURM_NTASKS='1', SLURM_NODELIST='localhost',
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr('shutil.which', lambda name: None)  # no scontrol here: the node name is used
+    for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'LOCAL_RANK'):
+        monkeypatch.delenv(key, raising=False)
+    dist_util._init_dist_slurm('nccl')
+    try:
+        assert dist.is_initialized() and dist.get_backend() == 'gloo'
+        assert dist_util.get_dist_info() == (0, 1)
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_no_cuda
 def test_ddp_wrap_on_cpu(compat, process_group):
     from basicsr.models.base_model import BaseModel
     from torch.nn.parallel import DistributedDataParallel

@@ -29,7 +29,7 @@ def _ckpt(tmp_path, depth: int):
 
 @pytest.mark.parametrize('depth, tile', [(1, 32), (4, 32), (1, 64)])  # 4 blocks: shifted windows and stripes
 def test_export_matches_pytorch(tmp_path, capsys, depth, tile):
-    """The README's grl-export line (tile 64), and at 32x32."""
+    """grl-export as docs/checkpoints.md runs it (tile 64), and at 32x32."""
     ort = pytest.importorskip('onnxruntime', reason='onnxruntime is not available on this platform')
     pytest.importorskip('onnx', reason='onnx is not installed')
     ckpt, model = _ckpt(tmp_path, depth)

@@ -1,8 +1,9 @@
 """grl-infer: restoring files and folders with a tiny GRL (official-style .ckpt and bare .pth).
 
 Inputs are crops of scikit-image photographs written as 8-bit RGB, gray, RGBA and 16-bit PNGs,
-plus one corrupt file. The commands are the README's "Restore images with a checkpoint" ones
-(modulo paths); ``main()`` runs in-process to keep the suite fast.
+plus one corrupt file. The options are those ``grl-infer --help`` and the README describe (the
+README's commands themselves run as written in tests/test_docs.py); ``main()`` runs in-process
+to keep the suite fast.
 """
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ def test_folder_with_official_ckpt(work, tmp_path, capsys):
 
 def test_tiled_equals_untiled(work, tmp_path, capsys):
     """One tile covering the image = the model on the whole image; overlapping tiles are close.
-    (The README's --tile 256 --overlap 32 line, with tiles scaled down to the small test images.)"""
+    (--tile 256 --overlap 32, with tiles scaled down to the small test images.)"""
     src = work['in'] / 'rgb.png'
     rgb01 = work['rgb'].astype(np.float32) / 255
     ref_sr = forward(work['sr'], rgb01)
@@ -165,7 +166,7 @@ def test_bare_pth_geometry_from_opt_and_task(work, tmp_path, capsys):
     model_out = forward(work['dn'], np.repeat(g01[..., None], 3, axis=2))
     assert np.abs(gray / 255.0 - model_out.mean(axis=2)).max() < 0.2
 
-    # the README's --task line: official denoising geometry from the task table
+    # --task dn --size T: official denoising geometry from the task table
     dst = tmp_path / 'task'
     rc, _, err = run(['--checkpoint', work['dn_pth'], '--task', 'dn', '--size', 'T', '--input',
                       work['in'] / 'rgb.png', '--output', dst, '--precision', 'bf16'], capsys)
@@ -260,7 +261,7 @@ def test_errors_one_line(work, tmp_path, capsys):
 
 
 def test_console_script(work, tmp_path):
-    """The installed ``grl-infer`` (or ``python -m``) as the README's first line runs it."""
+    """The installed ``grl-infer`` (or ``python -m``) as a user runs it."""
     exe = Path(sys.executable).parent / 'grl-infer'
     cmd = [str(exe)] if exe.exists() else [sys.executable, '-m', 'grl_plugin.cli.infer']
     proc = subprocess.run(cmd + ['--checkpoint', str(work['sr_ckpt']), '--input', str(work['in']),

@@ -1,4 +1,4 @@
-"""GRL: global (anchored stripe), regional (window) and local (conv) modelling (SPEC §1).
+"""GRL: global (anchored stripe), regional (window) and local (conv) modelling.
 
 Weight- and output-compatible with the official implementation: same constructor arguments
 and defaults, same ``state_dict`` keys and shapes (without the 13 size-dependent buffers,
@@ -52,7 +52,7 @@ class UpsampleOneStep(Upsample):
 class GRL(nn.Module):
     """The GRL image-restoration network.
 
-    Arguments and defaults are those of the official class (SPEC §1.1). Keys that official
+    Arguments and defaults are those of the official class. Keys that official
     configs carry but that have no effect there are accepted and ignored: ``name``,
     ``double_window``, ``stripe_square``, ``separable_conv_act``, ``use_buffer``,
     ``use_efficient_buffer``, ``out_proj_type``, ``pretrained_window_size``,
@@ -255,7 +255,7 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def _init_stage(stage: nn.Module, method: str) -> None:
-    """Stage-level init variants ``l``, ``w`` and ``t<k>`` (SPEC §7)."""
+    """Stage-level init variants ``l``, ``w`` and ``t<k>`` (as the official code)."""
     for name, m in stage.named_modules():
         if "cpb_mlp" in name:
             continue

@@ -1,4 +1,4 @@
-"""Task settings of the official experiments (SPEC §10): geometry and head per task.
+"""Task settings of the official experiments: geometry and head per task.
 
 ``task_kwargs("dn", "T", color=False)`` gives the full GRL kwargs of a released model family:
 the size preset (``GRL_T``/``GRL_S``/``GRL_B``) with the experiment's window / stripes /

@@ -1,4 +1,4 @@
-"""Demosaicking data: Bayer mosaic of the GT + Malvar-He-Cutler interpolation (SPEC §11).
+"""Demosaicking data: Bayer mosaic of the GT + Malvar-He-Cutler interpolation.
 
 The official GRL pipeline builds the RGGB mosaic of the uint8 RGB GT patch in the dataset and
 interpolates it in the engine with ``dm_matlab`` (Malvar-He-Cutler 2004 gradient-corrected

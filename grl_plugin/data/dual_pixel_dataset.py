@@ -1,4 +1,4 @@
-"""Dual-pixel defocus deblurring pairs (DPDD, SPEC §11): left + right views -> sharp image."""
+"""Dual-pixel defocus deblurring pairs (DPDD): left + right views -> sharp image."""
 from __future__ import annotations
 
 import os.path as osp

@@ -1,4 +1,4 @@
-"""JPEG compression artefacts on the fly (GRL JPEG artefact removal, SPEC §11)."""
+"""JPEG compression artefacts on the fly (GRL JPEG artefact removal)."""
 from __future__ import annotations
 
 import random

@@ -1,4 +1,4 @@
-"""Additive white Gaussian noise on the fly (GRL denoising, SPEC §11)."""
+"""Additive white Gaussian noise on the fly (GRL denoising)."""
 from __future__ import annotations
 
 import hashlib

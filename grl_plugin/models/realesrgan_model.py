@@ -62,7 +62,7 @@ The dataset is BasicSR's ``RealESRGANDataset`` (kernels made on the CPU workers)
 pads every GT to 400x400 (hard-coded in BasicSR 1.4.2), so ``gt_size`` must be at most 400 (the
 official GRL LR patch 128 = GT 512 is not possible with it). Note: these are Real-ESRGAN's
 degradations; the official GRL BSR data module uses BSRGAN-style ``degradation_sr2`` in the
-dataset (SPEC section 11), which is not what runs here. GAN-stage
+dataset, which is not what runs here. GAN-stage
 losses: ``pixel_opt: {type: L1Loss, loss_weight: 1}``, ``perceptual_opt: {type:
 GRLPerceptualLoss, vgg_weights: <vgg19-dcbb9e9d.pth>, ...}``, ``gan_opt: {type: GANLoss,
 gan_type: vanilla, real_label_val: 1.0, fake_label_val: 0.0, loss_weight: 0.1}``,
