@@ -13,3 +13,13 @@ torch.set_num_threads(2)
 def repo_root():
     """Root of the repository (the folder holding setup.py)."""
     return REPO_ROOT
+
+
+#: The test items selected for this run (after -k / -m deselection), for fixtures that prepare
+#: work only for the tests that will run.
+SELECTED = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    config.stash[SELECTED] = items

@@ -446,7 +446,8 @@ class Runs:
 
 @pytest.fixture(scope='module')
 def runs(request, data, tmp_path_factory):
-    selected = {item.callspec.params['task'] for item in request.session.items
+    from conftest import SELECTED
+    selected = {item.callspec.params['task'] for item in request.config.stash[SELECTED]
                 if getattr(item, 'originalname', None) == 'test_task_trains_two_iterations'}
     r = Runs(data, tmp_path_factory.mktemp('optruns'), selected)
     yield r
