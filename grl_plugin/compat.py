@@ -133,18 +133,27 @@ def apply():
 _TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 
+def _cpu_backend(backend, launcher, env, starter):
+    """The backend a ``--launcher`` run uses without CUDA (gloo for nccl), after checking that
+    the launcher's ``env`` variables are set and that torch.distributed has it."""
+    import torch.distributed as dist
+    missing = [k for k in env if k not in os.environ]
+    if missing:
+        raise CompatError(f"--launcher {launcher} needs {', '.join(missing)} in the environment: start the run "
+                          f'with {starter}')
+    backend = 'gloo' if backend == 'nccl' else backend
+    if not dist.is_available() or (backend == 'gloo' and not dist.is_gloo_available()):
+        raise CompatError(f'--launcher {launcher} without CUDA needs torch.distributed with the gloo backend')
+    return backend
+
+
 def _init_dist_pytorch_cpu(backend, **kwargs):
     import torch
     import torch.distributed as dist
     if torch.cuda.is_available():
         return original('basicsr.utils.dist_util', '_init_dist_pytorch')(backend, **kwargs)
-    missing = [k for k in _TORCHRUN_ENV if k not in os.environ]
-    if missing:
-        raise CompatError(f"--launcher pytorch needs {', '.join(missing)} in the environment: start the run "
-                          'with torchrun (e.g. torchrun --nproc_per_node=2 -m grl_plugin.train ...)')
-    backend = 'gloo' if backend == 'nccl' else backend
-    if not dist.is_available() or (backend == 'gloo' and not dist.is_gloo_available()):
-        raise CompatError('--launcher pytorch without CUDA needs torch.distributed with the gloo backend')
+    backend = _cpu_backend(backend, 'pytorch', _TORCHRUN_ENV, 'torchrun (e.g. torchrun --nproc_per_node=2 '
+                           '-m grl_plugin.train ...)')
     dist.init_process_group(backend=backend, init_method='env://', rank=int(os.environ['RANK']),
                             world_size=int(os.environ['WORLD_SIZE']), **kwargs)
 
@@ -170,13 +179,8 @@ def _init_dist_slurm_cpu(backend, port=None):
     import torch.distributed as dist
     if torch.cuda.is_available():
         return original('basicsr.utils.dist_util', '_init_dist_slurm')(backend, port)
-    missing = [k for k in _SLURM_ENV if k not in os.environ]
-    if missing:
-        raise CompatError(f"--launcher slurm needs {', '.join(missing)} in the environment: start the run "
-                          'with srun (e.g. srun --ntasks=2 python -m grl_plugin.train ... --launcher slurm)')
-    backend = 'gloo' if backend == 'nccl' else backend
-    if not dist.is_available() or (backend == 'gloo' and not dist.is_gloo_available()):
-        raise CompatError('--launcher slurm without CUDA needs torch.distributed with the gloo backend')
+    backend = _cpu_backend(backend, 'slurm', _SLURM_ENV, 'srun (e.g. srun --ntasks=2 python -m grl_plugin.train '
+                           '... --launcher slurm)')
     addr = _slurm_master_addr(os.environ['SLURM_NODELIST'])
     rank, world = int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])
     os.environ['MASTER_PORT'] = str(port) if port is not None else os.environ.get('MASTER_PORT', '29500')
