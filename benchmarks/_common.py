@@ -1,4 +1,5 @@
-"""What both benchmarks share: allocator settings, the peak-RSS reading, memory subprocesses.
+"""What the benchmarks share: allocator settings, the peak-RSS reading, memory subprocesses and
+the description of the machine a results file records (:func:`results_meta`).
 
 * Timing processes re-execute themselves with the glibc malloc settings of
   :data:`TIMING_MALLOC_ENV` (the ones the official network's baseline was timed with): freed pages
@@ -61,3 +62,18 @@ def run_memory_child(script: str, args) -> dict:
     if res.returncode != 0:
         return {"fwd": float("nan"), "train": float("nan"), "error": res.stderr[-500:]}
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def results_meta(torch) -> dict:
+    """Date, device, torch version, threads and command line of a run, for its results JSON."""
+    import platform
+    import time
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": time.strftime("%Y-%m-%d"), "device": f"cpu: {cpu}, {os.cpu_count()} cores",
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "command": " ".join([Path(sys.argv[0]).as_posix().split("/")[-1]] + sys.argv[1:])}

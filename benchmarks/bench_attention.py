@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import maxrss_mib, reexec_for_timing, reset_peak_rss, run_memory_child  # noqa: E402
+from _common import maxrss_mib, reexec_for_timing, reset_peak_rss, results_meta, run_memory_child  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("official", "reference", "fast")
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
         rows = [breakdown(config, size, args.repeats, args.warmup) for size in args.sizes for config in args.configs]
         print(format_breakdown(rows))
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+            Path(args.json).write_text(json.dumps({"meta": results_meta(torch), "rows": rows}, indent=1))
         return 0
     rows = []
     for size in args.sizes:
@@ -323,10 +323,8 @@ def main(argv=None) -> int:
                                 variants=() if args.no_variants else VARIANTS, official=official))
             print(f"# done {config} {size}x{size}", file=sys.stderr, flush=True)
             if args.json:  # after every row: a later crash (e.g. out of memory) keeps what was measured
-                Path(args.json).write_text(json.dumps(rows, indent=1))
+                Path(args.json).write_text(json.dumps({"meta": results_meta(torch), "rows": rows}, indent=1))
     print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

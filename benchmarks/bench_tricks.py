@@ -28,7 +28,7 @@ from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import maxrss_mib, reset_peak_rss, run_memory_child  # noqa: E402
+from _common import maxrss_mib, reset_peak_rss, results_meta, run_memory_child  # noqa: E402
 from bench_attention import CONFIGS, _imports  # noqa: E402
 
 
@@ -174,9 +174,7 @@ def main(argv=None) -> int:
                   f"{r['peak_on_mib']:.0f} / {r['peak_off_mib']:.0f} | {100 * r['memory_gain']:+.1f} % | "
                   f"{r['max_abs_diff']:.1e} |", flush=True)
     if args.json:
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                "date": time.strftime("%Y-%m-%d"), "device": "cpu"}
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": results_meta(torch), "rows": rows}, indent=1))
     return 0
 
 

@@ -14,7 +14,8 @@ def test_quick_run_switches_tricks_off_with_the_same_output(tmp_path):
         assert r["on_s"] > 0 and r["off_s"] > 0 and math.isfinite(r["time_gain"])
         assert r["max_abs_diff"] <= 1e-5, r  # the same function with and without the trick
         assert r["config"] in ("tiny", "tiny@sr") and r["size"] == 32
-    assert data["meta"]["device"] == "cpu" and data["meta"]["torch"]
+    assert data["meta"]["device"].startswith("cpu: ") and data["meta"]["torch"] and data["meta"]["date"]
+    assert data["meta"]["command"].startswith("bench_tricks.py --quick")
     assert "| mask_columns | tiny@sr | eval |" in out
 
 

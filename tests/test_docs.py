@@ -479,6 +479,21 @@ def test_docs_point_only_to_what_users_have(doc):
     assert not re.search(r'(?<![\w.~])/(work|root|home|tmp)/', text), f'{doc}: absolute machine path'
 
 
+def test_speed_tables_are_the_results_file():
+    """The README's and benchmarks/README.md's CPU tables hold the figures of
+    benchmarks/results/cpu_attention.json (the run they name), nothing typed by hand."""
+    data = json.loads((REPO_ROOT / 'benchmarks' / 'results' / 'cpu_attention.json').read_text())
+    assert {'date', 'device', 'torch', 'threads', 'command'} <= set(data['meta'])
+    want = [[f"{r[m][i]:.3f}" for m in ('fwd', 'train') for i in ('reference', 'fast')] for r in data['rows']]
+    for doc, first_col in (('README.md', 'GRL-'), ('benchmarks/README.md', ('tiny@sr', 'small@sr', 'base'))):
+        text = (REPO_ROOT / doc).read_text(encoding='utf-8')
+        rows = [[c.strip() for c in line.strip('|').split('|')] for line in text.splitlines()
+                if line.startswith('| ') and line[2:].startswith(first_col) and ' | ' in line]
+        got = [[c for c in cells[1:] if re.fullmatch(r'\d+\.\d{3}', c)] for cells in rows][:len(want)]
+        assert got == want, (doc, got, want)
+        assert data['meta']['date'] in text and data['meta']['torch'] in text
+
+
 # ------------------------------------------------------------------------------ no run diary
 #: Words that mark a run diary (numbered runs, anecdotes about the machine and when things were tried).
 DIARY = [r'\bse[s]sions?\b', r'\bruns? #?\d+\b', r'\bround \d+ of\b', r'\bstop \d+\b', r'\battempt #?\d+\b',

@@ -5,6 +5,7 @@ fast-vs-reference/official max |diff| column stays within the 1e-4 tolerance.
 """
 import functools
 import gc
+import json
 import re
 import subprocess
 import sys
@@ -259,10 +260,12 @@ def test_network_train_step_fast_equals_reference(local, upsampler):
     assert_same_training_step(ref, fast, x, TOL, contiguous)
 
 
-def test_bench_attention_quick_smoke():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+def test_bench_attention_quick_smoke(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--quick",
+                          "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "rows.json").read_text())  # what the results files record
+    assert {"date", "device", "torch", "threads", "command"} <= set(data["meta"]) and len(data["rows"]) == 1
     out = res.stdout.splitlines()
     headers = [i for i, ln in enumerate(out) if ln.startswith("| config")]
     assert len(headers) == 2, res.stdout  # timings, then peak memory
