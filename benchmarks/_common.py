@@ -76,4 +76,5 @@ def results_meta(torch) -> dict:
         pass
     return {"date": time.strftime("%Y-%m-%d"), "device": f"cpu: {cpu}, {os.cpu_count()} cores",
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "command": " ".join([Path(sys.argv[0]).as_posix().split("/")[-1]] + sys.argv[1:])}
+            "command": " ".join([Path(sys.argv[0]).name] + [Path(a).name if a.endswith(".json") else a
+                                                              for a in sys.argv[1:]])}

@@ -508,7 +508,7 @@ def test_partition_order_is_roll_then_partition(size, part, shift):
     assert torch.equal(gathered.index_select(1, inverse).view_as(x), back) and torch.equal(back, x)
 
 
-def test_permute_tokens_gradient_and_strided_output():
+def test_permute_tokens_gradient():
     from grl_plugin.layers.geometry import partition_order
     from grl_plugin.layers.window_attn import permute_tokens
     order, inverse = partition_order((8, 12), (4, 4), (2, 2), torch.device("cpu"))
@@ -517,10 +517,6 @@ def test_permute_tokens_gradient_and_strided_output():
     g_fast, = torch.autograd.grad((permute_tokens(x, order) * w).sum(), x)
     g_ref, = torch.autograd.grad((x[:, order] * w).sum(), x)
     assert torch.equal(g_fast, g_ref)
-    with torch.no_grad():  # written into a strided half of a wider buffer
-        buf = torch.zeros(2, 96, 10)
-        permute_tokens(x, order, out=buf[..., 5:])
-        assert torch.equal(buf[..., 5:], x[:, order]) and not buf[..., :5].any()
 
 
 def test_automatic_backward_keeps_probabilities_only_when_small(monkeypatch):

@@ -109,15 +109,12 @@ def configure(module: nn.Module, *, lean_backward=_UNSET, bias_cache_mib=_UNSET)
     return module
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 def _recompute(x: torch.Tensor, module: nn.Module, *dropouts: nn.Dropout) -> bool:
     """Whether ``module``'s layers (+ post-norm) are recomputed in the backward, their input
     kept: with autograd, ``dropouts`` inactive, no autocast or tracing, ``lean_backward`` not False."""
     return (torch.is_grad_enabled() and (not module.training or all(d.p == 0 for d in dropouts))
-            and not torch.is_autocast_enabled(x.device.type) and not _tracing()
+            and not torch.is_autocast_enabled(x.device.type)
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
             and module.lean_backward is not False)
 
 
@@ -241,13 +238,8 @@ class MixedAttention(nn.Module):
         fast = self.window_attn.attn_impl != "reference"
         qkv_window, qkv_stripe = self.qkv(x).chunk(2, dim=-1)
         anchor = self.anchor(x, x_size)
-        if fast and not (torch.is_grad_enabled() or _tracing()):  # both halves written into one buffer
-            y = qkv_window.new_empty(x.shape)  # (autocast: the projections' dtype)
-            self.window_attn(qkv_window, x_size, geom.window, out=y[..., :self.dim // 2])
-            self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom, out=y[..., self.dim // 2:])
-        else:
-            y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
-                           self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom)], dim=-1)
+        y = torch.cat([self.window_attn(qkv_window, x_size, geom.window),
+                       self.stripe_attn(qkv_stripe, anchor, x_size, stripe_geom)], dim=-1)
         if fast and norm is not None and _recompute(x, self, self.proj_drop):
             return checkpoint(self._project, y, norm, use_reentrant=False)  # keeps y only
         return self._project(y, norm)

@@ -108,9 +108,8 @@ class AnchorStripeAttention(nn.Module):
         self.attn_transform2 = AffineTransform(num_heads)
 
     def forward(self, qkv: torch.Tensor, anchor: torch.Tensor, x_size: Tuple[int, int],
-                geom: StripeGeometry, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """qkv (B, L, 3 dim), anchor (B, H/df, W/df, dim) -> (B, L, dim), written into ``out``
-        when given (no autograd)."""
+                geom: StripeGeometry) -> torch.Tensor:
+        """qkv (B, L, 3 dim), anchor (B, H/df, W/df, dim) -> (B, L, dim)."""
         B, stripe, df = qkv.shape[0], geom.stripe, geom.df
         masked, fast = self.stripe_shift, self.attn_impl != "reference"
         (order, inverse), (a_order, _) = geom.orders[int(masked)], geom.anchor_orders[int(masked)]
@@ -128,7 +127,7 @@ class AnchorStripeAttention(nn.Module):
                              geom.mask_a2w if masked else None, drop, self.attn_impl, fast, self.lean_backward)
         y = cosine_attention(q, a, y, self.attn_transform2, geom.table, geom.index_w2a,  # window -> anchor
                              geom.mask_w2a if masked else None, drop, self.attn_impl, fast, self.lean_backward)
-        return permute_tokens(merge_heads(y, B), inverse, out)
+        return permute_tokens(merge_heads(y, B), inverse)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, stripe_type={self.stripe_type}, " \

@@ -10,10 +10,10 @@ from .attention import AffineTransform, cosine_attention, normalize_qkv
 from .geometry import WindowGeometry
 
 
-def permute_tokens(x: torch.Tensor, order: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def permute_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``x[:, order]`` for (B, L, C) tokens: one gather for the official roll + partition copy
-    (:func:`~.geometry.partition_order`); without autograd into ``out`` when given."""
-    return x.index_select(1, order) if out is None else torch.index_select(x, 1, order, out=out)
+    (:func:`~.geometry.partition_order`)."""
+    return x.index_select(1, order)
 
 
 def merge_heads(y: torch.Tensor, batch: int) -> torch.Tensor:
@@ -46,10 +46,9 @@ class WindowAttention(nn.Module):
         self.lean_backward: Optional[bool] = None  # see cosine_attention; set by layers.configure
         self.attn_transform = AffineTransform(num_heads)
 
-    def forward(self, qkv: torch.Tensor, x_size: Tuple[int, int], geom: WindowGeometry,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """qkv (B, L, 3 dim) -> (B, L, dim), written into ``out`` when given (no autograd).
-        Tokens are rolled and partitioned by one gather, and put back by another."""
+    def forward(self, qkv: torch.Tensor, x_size: Tuple[int, int], geom: WindowGeometry) -> torch.Tensor:
+        """qkv (B, L, 3 dim) -> (B, L, dim); tokens are rolled and partitioned by one gather, and
+        put back by another."""
         shift = geom.shift if self.window_shift else 0
         order, inverse = geom.orders[1 if shift else 0]
         x = partition_heads(permute_tokens(qkv, order), self.window_size ** 2, 3, self.num_heads)
@@ -57,7 +56,7 @@ class WindowAttention(nn.Module):
         q, k, v = normalize_qkv(x, self.attn_transform.scale()) if fast else x.permute(2, 0, 3, 1, 4).unbind(0)
         y = cosine_attention(q, k, v, self.attn_transform, geom.table, geom.index, geom.mask if shift else None,
                              self.attn_drop if self.training else 0.0, self.attn_impl, fast, self.lean_backward)
-        return permute_tokens(merge_heads(y, qkv.shape[0]), inverse, out)
+        return permute_tokens(merge_heads(y, qkv.shape[0]), inverse)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, " \
